@@ -1,0 +1,1 @@
+"""Fused kernels for PaLM: Triton on NVIDIA GPUs, plain PyTorch everywhere else."""

@@ -1,0 +1,202 @@
+"""Choose between the Triton kernels and the plain PyTorch path.
+
+The PaLM model calls :func:`attention`, :func:`decode_attention` and :func:`swiglu`
+from here. By default CUDA tensors go through Triton and every other device through
+PyTorch; the ``PALM_RLHF_KERNELS`` environment variable (``auto``, ``torch``,
+``triton``) or :func:`set_backend` forces either.
+
+Forcing ``triton`` on CPU tensors runs the kernels through the Triton interpreter,
+which needs ``TRITON_INTERPRET=1`` in the environment before the kernel modules are
+first imported; without it a clear error is raised. Calls the kernels do not cover
+(an explicit ``attn_mask``, dropout, unequal query/key lengths, head dims above 128,
+dtypes other than fp16/bf16/fp32, a decode that needs gradients) always take the
+PyTorch path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+
+_BACKENDS = ("auto", "torch", "triton")
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_HEAD_DIM = 128
+
+
+def _backend_from_env() -> str:
+    name = os.environ.get("PALM_RLHF_KERNELS", "auto").strip().lower() or "auto"
+    if name not in _BACKENDS:
+        raise ValueError(f"PALM_RLHF_KERNELS={name!r} is not one of {_BACKENDS}")
+    return name
+
+
+_backend = _backend_from_env()
+
+
+def set_backend(name: str) -> None:
+    global _backend
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; choose one of {_BACKENDS}")
+    _backend = name
+
+
+def get_backend() -> str:
+    return _backend
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Temporarily switch the backend: ``with use_backend("torch"): ...``."""
+    previous = get_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+@cache
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _interpreter_enabled() -> bool:
+    from kernels._runtime import interpreter_enabled
+
+    return interpreter_enabled()
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    if _backend == "torch":
+        return False
+    if _backend == "auto":
+        return t.is_cuda and _triton_importable()
+    if t.is_cuda or _interpreter_enabled():
+        return True
+    raise RuntimeError(
+        "the triton kernel backend was forced but the tensors are on "
+        f"{t.device.type}; use CUDA tensors, or set TRITON_INTERPRET=1 before the kernels are imported "
+        "to run them through the Triton interpreter"
+    )
+
+
+def _kernel_shapes_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    return (
+        q.dim() == 4
+        and k.shape == v.shape
+        and k.dim() == 4
+        and q.shape[0] == k.shape[0]
+        and q.shape[-1] == k.shape[-1]
+        and k.shape[1] >= 1
+        and q.shape[1] % k.shape[1] == 0
+        and q.shape[-1] <= _MAX_HEAD_DIM
+        and q.dtype in _KERNEL_DTYPES
+        and q.dtype == k.dtype == v.dtype
+    )
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = True,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Multi-query attention. q: (batch, heads, seq, head_dim); k, v: (batch, kv_heads, seq, head_dim)."""
+    if (
+        attn_mask is None
+        and dropout_p == 0.0
+        and q.shape[-2] == k.shape[-2]
+        and _kernel_shapes_ok(q, k, v)
+        and _use_triton(q)
+    ):
+        from kernels.attention import triton_attention
+
+        return triton_attention(q, k, v, causal=causal, scale=scale)
+    return F.scaled_dot_product_attention(
+        q,
+        k,
+        v,
+        attn_mask=attn_mask,
+        dropout_p=dropout_p,
+        is_causal=causal and attn_mask is None,
+        scale=scale,
+        enable_gqa=k.shape[1] != q.shape[1],
+    )
+
+
+def _decode_attention_torch(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_len: int | torch.Tensor,
+    scale: float | None,
+) -> torch.Tensor:
+    batch, _, n_new, _ = q.shape
+    if isinstance(cache_len, torch.Tensor):
+        lens = cache_len.to(device=q.device, dtype=torch.long).expand(batch)  # (batch,)
+    else:
+        k_cache = k_cache[:, :, : int(cache_len)]
+        v_cache = v_cache[:, :, : int(cache_len)]
+        lens = torch.full((batch,), int(cache_len), device=q.device, dtype=torch.long)
+    span = k_cache.shape[2]
+    # new token t sits at position lens - n_new + t and sees keys up to that position
+    last_visible = lens[:, None] - n_new + torch.arange(n_new, device=q.device)  # (batch, n_new)
+    keys = torch.arange(span, device=q.device)
+    allowed = keys[None, None, :] <= last_visible[:, :, None]  # (batch, n_new, span)
+    return F.scaled_dot_product_attention(
+        q,
+        k_cache,
+        v_cache,
+        attn_mask=allowed[:, None],  # (batch, 1, n_new, span), broadcast over heads
+        scale=scale,
+        enable_gqa=k_cache.shape[1] != q.shape[1],
+    )
+
+
+def triton_enabled_for(t: torch.Tensor) -> bool:
+    """Whether calls on ``t`` would go to Triton under the current backend setting."""
+    return _use_triton(t)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_len: int | torch.Tensor,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention of ``n_new`` new tokens against a KV cache.
+
+    q: (batch, heads, n_new, head_dim); k_cache, v_cache: (batch, kv_heads, max_len,
+    head_dim); ``cache_len`` (int or (batch,) int tensor) counts the valid cache
+    entries including the new tokens, which are the last ``n_new`` of them and are
+    causal among themselves. Returns (batch, heads, n_new, head_dim).
+    """
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache))
+    if not needs_grad and _kernel_shapes_ok(q, k_cache, v_cache) and _use_triton(q):
+        from kernels.attention import triton_decode_attention
+
+        return triton_decode_attention(q, k_cache, v_cache, cache_len, scale=scale)
+    return _decode_attention_torch(q, k_cache, v_cache, cache_len, scale)
+
+
+def swiglu(x: torch.Tensor) -> torch.Tensor:
+    """silu(second half of the last dim) * first half."""
+    if x.dtype in _KERNEL_DTYPES and x.dim() >= 1 and x.shape[-1] % 2 == 0 and _use_triton(x):
+        from kernels.swiglu import triton_swiglu
+
+        return triton_swiglu(x)
+    value, gate = x.chunk(2, dim=-1)
+    return F.silu(gate) * value

@@ -1,0 +1,300 @@
+"""``palm-rlhf chat`` (talk to a checkpoint in the terminal) and ``palm-rlhf demo-build``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+DEFAULT_HISTORY_TURNS = 3  # earlier exchanges kept in the prompt; older ones are dropped first
+
+
+def register(subparsers: Any) -> None:
+    chat = subparsers.add_parser(
+        "chat",
+        help="chat with the demo model (or any checkpoint) in the terminal",
+        description=(
+            "Chat with a PaLM checkpoint in the terminal. Each line you type becomes a user turn; "
+            "the conversation so far (the last few turns) is rendered in the chat format and the "
+            "model's answer is sampled up to its end-of-sequence token. Type /reset to forget the "
+            "conversation; Ctrl-D or Ctrl-C quits."
+        ),
+    )
+    chat.add_argument(
+        "--checkpoint",
+        default=os.environ.get("PALM_RLHF_CHECKPOINT"),
+        help="checkpoint folder (env PALM_RLHF_CHECKPOINT; default: the shipped demo model)",
+    )
+    chat.add_argument("--once", metavar="MESSAGE", help="answer this one message, print the answer and exit")
+    chat.add_argument(
+        "--temperature", type=float, default=0.8, help="sampling temperature, 0 = greedy (default 0.8)"
+    )
+    chat.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass, 1 = off (default 0.9)")
+    chat.add_argument(
+        "--top-k", type=int, default=0, help="keep the k most likely tokens, 0 = off (default 0)"
+    )
+    chat.add_argument(
+        "--max-new-tokens", type=int, default=160, help="answer length limit in tokens (default 160)"
+    )
+    chat.add_argument("--seed", type=int, default=None, help="sampling seed for reproducible answers")
+    chat.add_argument(
+        "--history-turns",
+        type=int,
+        default=DEFAULT_HISTORY_TURNS,
+        help=f"earlier exchanges kept in the prompt (default {DEFAULT_HISTORY_TURNS})",
+    )
+    chat.add_argument(
+        "--device",
+        default=os.environ.get("PALM_RLHF_DEVICE", "cpu"),
+        choices=("cpu", "cuda", "auto"),
+        help="device (env PALM_RLHF_DEVICE; default cpu)",
+    )
+    chat.set_defaults(func=run_chat)
+
+    build = subparsers.add_parser(
+        "demo-build",
+        help="pretrain the demo model on the template corpus and save it as a checkpoint",
+        description=(
+            "Generate the demo corpus and pretrain the 'demo' PaLM preset on it (a few minutes on "
+            "two CPU cores), then save a policy checkpoint folder. The defaults are the recipe of "
+            "the shipped model."
+        ),
+    )
+    from palm_rlhf.demo.recipe import DemoTrainConfig  # a dataclass only: keeps --help fast
+
+    d = DemoTrainConfig()
+    build.add_argument("--out", required=True, help="checkpoint folder to create")
+    build.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
+    build.add_argument(
+        "--seed", type=int, default=d.seed, help=f"corpus and training seed (default {d.seed})"
+    )
+    build.add_argument(
+        "--corpus-size",
+        type=int,
+        default=d.corpus_size,
+        help=f"exchanges in the corpus (default {d.corpus_size})",
+    )
+    build.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
+    build.add_argument(
+        "--threads", type=int, default=d.num_threads, help=f"torch CPU threads (default {d.num_threads})"
+    )
+    build.add_argument(
+        "--save-dtype",
+        default=d.save_dtype,
+        choices=("float32", "float16", "bfloat16"),
+        help=f"dtype of the stored weights (default {d.save_dtype})",
+    )
+    build.add_argument(
+        "--init-from",
+        metavar="CHECKPOINT",
+        help="continue training this checkpoint folder (same preset) instead of a fresh model",
+    )
+    build.add_argument("--force", action="store_true", help="replace an existing checkpoint folder at --out")
+    build.add_argument("--no-progress", action="store_true", help="no progress bar")
+    build.set_defaults(func=run_demo_build)
+
+
+# --- chat ----------------------------------------------------------------------------------
+
+
+def _pick_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda was asked for but no CUDA device is available")
+    return name
+
+
+def load_chat_model(checkpoint: str | None, device: str = "cpu") -> tuple[Any, Any, dict[str, Any]]:
+    """(model, tokenizer, manifest) of a checkpoint folder, or of the demo model when None.
+
+    Weights are upcast to float32 on CPU (the demo weights are stored in bfloat16)."""
+    import torch
+
+    from palm_rlhf.checkpoint import load_palm
+    from palm_rlhf.demo import demo_checkpoint_dir
+    from palm_rlhf.tokenizer import load_tokenizer
+
+    path = checkpoint or demo_checkpoint_dir()
+    dtype = torch.float32 if device == "cpu" else None
+    model, manifest = load_palm(path, device=device, dtype=dtype)
+    return model, load_tokenizer(manifest.get("tokenizer")), manifest
+
+
+class ChatSession:
+    """A conversation with one model: keeps the turns and builds each prompt from the last
+    few, dropping the oldest exchanges when the prompt would not fit the context window."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        temperature: float = 0.8,
+        top_p: float = 0.9,
+        top_k: int = 0,
+        max_new_tokens: int = 160,
+        seed: int | None = None,
+        history_turns: int = DEFAULT_HISTORY_TURNS,
+    ):
+        from palm_rlhf.generation import SamplingParams
+
+        self.model, self.tokenizer = model, tokenizer
+        self.history: list[dict[str, str]] = []
+        self.history_turns = max(0, history_turns)
+        stops = [tokenizer.eos_id]
+        newline = tokenizer.encode("\n")
+        if len(newline) == 1:
+            stops.append(newline[0])  # an answer is one line: a newline would start a new turn
+        self.params = SamplingParams(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            stop_token_ids=tuple(stops),
+            seed=seed,
+        )
+        self.params.validate(model.num_tokens)
+        self._turn = 0
+
+    def prompt_ids(self, message: str) -> list[int]:
+        from palm_rlhf.chat import encode_prompt, format_chat
+        from palm_rlhf.generation import GenerationError
+
+        budget = self.model.config.max_seq_len - self.params.max_new_tokens
+        keep = self.history[len(self.history) - 2 * self.history_turns :] if self.history_turns else []
+        while True:
+            ids = encode_prompt(self.tokenizer, format_chat([*keep, {"role": "user", "content": message}]))
+            if len(ids) <= budget:
+                return ids
+            if not keep:
+                raise GenerationError(
+                    f"the message is too long: {len(ids)} prompt tokens + {self.params.max_new_tokens} new "
+                    f"tokens exceed the model's context of {self.model.config.max_seq_len}"
+                )
+            keep = keep[2:]  # drop the oldest exchange
+
+    def reply(self, message: str) -> str:
+        """The model's answer to ``message``; both are added to the conversation."""
+        import dataclasses
+
+        from palm_rlhf.chat import clean_response
+        from palm_rlhf.generation import generate_tokens
+
+        ids = self.prompt_ids(message)
+        params = self.params
+        if params.seed is not None:  # a different, still reproducible draw for every turn
+            params = dataclasses.replace(params, seed=params.seed + self._turn)
+        self._turn += 1
+        completion = generate_tokens(self.model, [ids], params)[0][0]
+        answer = clean_response(self.tokenizer.decode(completion.token_ids))
+        self.history += [{"role": "user", "content": message}, {"role": "assistant", "content": answer}]
+        return answer
+
+    def reset(self) -> None:
+        self.history.clear()
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    import torch
+
+    from palm_rlhf.checkpoint import CheckpointError
+    from palm_rlhf.generation import GenerationError
+
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
+    device = _pick_device(args.device)
+    try:
+        model, tokenizer, manifest = load_chat_model(args.checkpoint, device)
+        session = ChatSession(
+            model,
+            tokenizer,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            max_new_tokens=args.max_new_tokens,
+            seed=args.seed,
+            history_turns=args.history_turns,
+        )
+    except (CheckpointError, FileNotFoundError, GenerationError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    if args.once is not None:
+        try:
+            print(session.reply(args.once), flush=True)
+        except GenerationError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
+
+    interactive = sys.stdin.isatty()
+    if interactive:
+        name = manifest.get("version") or "model"
+        print(
+            f"Chatting with {name} ({manifest['kind']}). /reset forgets the conversation; Ctrl-D quits.",
+            file=sys.stderr,
+        )
+    try:
+        while True:
+            try:
+                line = input("you> " if interactive else "")
+            except EOFError:
+                break
+            message = line.strip()
+            if not message:
+                continue
+            if message in ("/quit", "/exit"):
+                break
+            if message == "/reset":
+                session.reset()
+                print("(conversation cleared)", file=sys.stderr)
+                continue
+            try:
+                answer = session.reply(message)
+            except GenerationError as e:
+                print(f"error: {e}", file=sys.stderr)
+                continue
+            print(f"assistant> {answer}" if interactive else answer, flush=True)
+    except KeyboardInterrupt:
+        pass
+    if interactive:
+        print(file=sys.stderr)
+    return 0
+
+
+# --- demo-build ----------------------------------------------------------------------------
+
+
+def run_demo_build(args: argparse.Namespace) -> int:
+    import shlex
+
+    from palm_rlhf.checkpoint import CheckpointError
+    from palm_rlhf.demo.train import DemoTrainConfig, build_demo_checkpoint
+
+    cfg = DemoTrainConfig(
+        seed=args.seed,
+        steps=args.steps,
+        corpus_size=args.corpus_size,
+        lr=args.lr,
+        num_threads=args.threads,
+        save_dtype=args.save_dtype,
+        init_from=args.init_from,
+    )
+    command = (
+        f"palm-rlhf demo-build --out {shlex.quote(str(args.out))} --steps {args.steps} --seed {args.seed} "
+        f"--corpus-size {args.corpus_size} --lr {args.lr} --threads {args.threads} --save-dtype {args.save_dtype}"
+    )
+    if args.init_from:
+        command += f" --init-from {shlex.quote(str(args.init_from))}"
+    try:
+        out = build_demo_checkpoint(
+            args.out, cfg, force=args.force, progress=not args.no_progress, command=command
+        )
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0

@@ -1,0 +1,1 @@
+"""Shared server bootstrap, flags, errors, metrics, model loading and client helpers."""

@@ -1,0 +1,48 @@
+"""``python -m services.gateway``: run the gateway on its own (the same as
+``palm-rlhf serve gateway``), with every flag falling back to its PALM_RLHF_* variable."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m services.gateway", description=__doc__)
+    p.add_argument("--host", default=None)
+    p.add_argument("--port", type=int, default=None, help="0 picks a free port (printed)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--policy-addr", default=None)
+    p.add_argument("--reward-addr", default=None)
+    p.add_argument("--reference-addr", default=None)
+    p.add_argument("--trainer-addr", default=None)
+    p.add_argument("--database-url", default=None)
+    p.add_argument("--api-keys-file", default=None)
+    p.add_argument(
+        "--rate-limit",
+        default=None,
+        help="per client; a bare number is per minute (default 120), or 10/s, 3600/h, 10/s:40 (burst 40), off",
+    )
+    p.add_argument("--admin-token", default=None)
+    p.add_argument("--max-body-bytes", type=int, default=None)
+    p.add_argument(
+        "--insecure-no-auth", action="store_true", help="allow serving beyond loopback without keys"
+    )
+    p.add_argument("--log-level", default="info")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )
+    from .app import run_gateway
+
+    return run_gateway(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""Request and response bodies of the HTTP API (they define the served OpenAPI schema).
+
+The chat-completions shapes follow OpenAI's so that its clients work unchanged; the gateway's
+additions (``best_of``, per-choice ``reward``, ``policy_version``, ``reward_version``) are extra
+fields those clients pass through (``extra_body``) or ignore.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_N = 16  # choices / candidates per request: best-of-n beyond this costs more than it buys
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=32_768)
+    name: str | None = Field(default=None, max_length=64)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    # OpenAI clients send fields this gateway does not use (presence_penalty, user, ...):
+    # ignore them rather than fail.
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(
+        default="palm-rlhf", max_length=256, description="Recorded; the policy serves one model."
+    )
+    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
+    n: int = Field(default=1, ge=1, le=MAX_N, description="Choices returned, best reward first.")
+    best_of: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_N,
+        description="Candidates generated and ranked by the reward service (>= n; default n).",
+    )
+    temperature: float | None = Field(default=None, ge=0, le=2, description="0 is greedy decoding.")
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=4096)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=4096, description="Alias of max_tokens.")
+    stop: str | list[str] | None = Field(default=None, description="Up to 4 stop sequences.")
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ChatCompletionRequest:
+        if self.best_of is not None and self.best_of < self.n:
+            raise ValueError(f"best_of ({self.best_of}) must be >= n ({self.n})")
+        stops = self.stop_list()
+        if len(stops) > 4:
+            raise ValueError(f"at most 4 stop sequences are allowed, got {len(stops)}")
+        if any(not s or len(s) > 64 for s in stops):
+            raise ValueError("stop sequences must be non-empty and at most 64 characters")
+        return self
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+    reward: float | None = Field(description="The reward service's score of this answer.")
+    logprobs: None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int = Field(description="Tokens generated over all best_of candidates.")
+    total_tokens: int
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    policy_version: str
+    reward_version: str
+    best_of: int
+    system_fingerprint: str | None = None
+
+
+class FeedbackRequest(BaseModel):
+    """Exactly one of: ``thumbs`` (with choice_index), ``rating`` (with choice_index), or
+    ``preferred_index`` + ``rejected_index``. Indices name candidates in rank order: 0..n-1
+    are the returned choices, n..best_of-1 the candidates that were not returned."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    completion_id: str = Field(min_length=1, max_length=128)
+    choice_index: int | None = None
+    thumbs: Literal["up", "down"] | None = None
+    rating: int | None = Field(default=None, ge=1, le=5)
+    preferred_index: int | None = None
+    rejected_index: int | None = None
+    comment: str | None = Field(default=None, max_length=4000)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> FeedbackRequest:
+        kinds = [k for k in ("thumbs", "rating") if getattr(self, k) is not None]
+        pref = self.preferred_index is not None or self.rejected_index is not None
+        if pref:
+            kinds.append("preference")
+        if len(kinds) != 1:
+            raise ValueError(
+                "give exactly one kind of feedback: thumbs, rating, or preferred_index + rejected_index"
+                + (f" (got {', '.join(kinds)})" if kinds else "")
+            )
+        if kinds[0] in ("thumbs", "rating") and self.choice_index is None:
+            raise ValueError(f"{kinds[0]} feedback needs choice_index")
+        if kinds[0] == "preference":
+            if self.preferred_index is None or self.rejected_index is None:
+                raise ValueError("preference feedback needs both preferred_index and rejected_index")
+            if self.choice_index is not None:
+                raise ValueError("choice_index is not used with preference feedback")
+            if self.preferred_index == self.rejected_index:
+                raise ValueError("preferred_index and rejected_index must differ")
+        return self
+
+    @property
+    def kind(self) -> str:
+        if self.thumbs is not None:
+            return "thumbs"
+        if self.rating is not None:
+            return "rating"
+        return "preference"
+
+
+class FeedbackResponse(BaseModel):
+    id: int
+    object: Literal["feedback"] = "feedback"
+    completion_id: str
+    kind: Literal["thumbs", "rating", "preference"]
+    choice_index: int | None = None
+    thumbs: Literal["up", "down"] | None = None
+    rating: int | None = None
+    preferred_index: int | None = None
+    rejected_index: int | None = None
+    comment: str | None = None
+    created: float
+
+
+class FeedbackList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FeedbackResponse]
+
+
+class CandidateView(BaseModel):
+    index: int
+    text: str
+    reward: float | None
+    finish_reason: str
+    shown: bool
+
+
+class CompletionView(BaseModel):
+    id: str
+    object: Literal["chat.completion.record"] = "chat.completion.record"
+    created: float
+    model: str
+    messages: list[dict[str, Any]]
+    n: int
+    best_of: int
+    policy_version: str
+    reward_version: str
+    candidates: list[CandidateView]
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    status: str
+    backends: dict[str, str]
+    store: str
+
+
+class NotReady(ErrorResponse):
+    backends: dict[str, str]
+    store: str

@@ -1,0 +1,189 @@
+// The gateway's chat page: plain browser JavaScript, no build step.
+// It talks to the same public API as any client: /v1/chat/completions, /v1/completions/{id},
+// /v1/feedback.
+"use strict";
+
+const $ = (sel, root = document) => root.querySelector(sel);
+const state = { messages: [] };
+
+const keyInput = $("#api-key");
+keyInput.value = localStorage.getItem("palm-rlhf-api-key") || "";
+keyInput.addEventListener("change", () => localStorage.setItem("palm-rlhf-api-key", keyInput.value.trim()));
+
+function headers(extra = {}) {
+  const h = { "Content-Type": "application/json", ...extra };
+  const key = keyInput.value.trim();
+  if (key) h.Authorization = `Bearer ${key}`;
+  return h;
+}
+
+async function api(method, path, body, extraHeaders) {
+  const resp = await fetch(path, {
+    method,
+    headers: headers(extraHeaders),
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  const data = await resp.json().catch(() => ({}));
+  if (!resp.ok) {
+    const msg = (data.error && data.error.message) || `HTTP ${resp.status}`;
+    throw new Error(msg);
+  }
+  return data;
+}
+
+function setStatus(text) { $("#status").textContent = text; }
+
+function addTurn(role, text) {
+  const el = document.createElement("article");
+  el.className = `turn ${role}`;
+  el.textContent = text;
+  $("#conversation").appendChild(el);
+  el.scrollIntoView({ block: "end" });
+  return el;
+}
+
+function fmt(x) { return x === null || x === undefined ? "n/a" : Number(x).toFixed(3); }
+
+function newKey() {
+  return (crypto.randomUUID && crypto.randomUUID()) || `${Date.now()}-${Math.random()}`;
+}
+
+async function sendFeedback(body, ack) {
+  try {
+    // one key per click: a network retry of this post is stored once
+    await api("POST", "/v1/feedback", body, { "Idempotency-Key": newKey() });
+    ack.textContent = "thanks!";
+    return true;
+  } catch (e) {
+    ack.textContent = `not saved: ${e.message}`;
+    ack.style.color = "var(--bad)";
+    return false;
+  }
+}
+
+function markChosen(buttons, chosen) {
+  buttons.forEach((b) => b.classList.toggle("chosen", b === chosen));
+}
+
+function renderAnswer(completion) {
+  const choice = completion.choices[0];
+  const node = $("#answer-template").content.firstElementChild.cloneNode(true);
+  node.dataset.completionId = completion.id;
+  $(".text", node).textContent = choice.message.content || "(empty answer)";
+  $(".meta", node).textContent =
+    `reward ${fmt(choice.reward)} · best of ${completion.best_of} · policy ${completion.policy_version || "?"}` +
+    ` · reward model ${completion.reward_version || "?"}`;
+  const ack = $(".ack", node);
+  const thumbs = [...node.querySelectorAll(".thumb")];
+  thumbs.forEach((b) => b.addEventListener("click", async () => {
+    const ok = await sendFeedback({ completion_id: completion.id, choice_index: 0, thumbs: b.classList.contains("up") ? "up" : "down" }, ack);
+    if (ok) markChosen(thumbs, b);
+  }));
+  const stars = [...node.querySelectorAll(".stars button")];
+  stars.forEach((b) => b.addEventListener("click", async () => {
+    const ok = await sendFeedback({ completion_id: completion.id, choice_index: 0, rating: Number(b.dataset.rating) }, ack);
+    if (ok) markChosen(stars, b);
+  }));
+  $(".show-candidates", node).addEventListener("click", () => toggleCandidates(node, completion.id));
+  $("#conversation").appendChild(node);
+  node.scrollIntoView({ block: "end" });
+}
+
+async function toggleCandidates(node, completionId) {
+  const section = $(".candidates", node);
+  if (!section.hidden) { section.hidden = true; return; }
+  const list = $(".candidate-list", section);
+  const ack = $(".ack", node);
+  let record;
+  try {
+    record = await api("GET", `/v1/completions/${encodeURIComponent(completionId)}`);
+  } catch (e) {
+    ack.textContent = `could not load candidates: ${e.message}`;
+    return;
+  }
+  list.replaceChildren();
+  const selA = $(".cmp-a", section), selB = $(".cmp-b", section);
+  selA.replaceChildren(); selB.replaceChildren();
+  for (const c of record.candidates) {
+    const li = document.createElement("li");
+    li.dataset.index = c.index;
+    const text = document.createElement("span");
+    text.className = "candidate-text";
+    text.textContent = c.text || "(empty)";
+    const score = document.createElement("span");
+    score.className = "score";
+    score.textContent = `reward ${fmt(c.reward)}${c.shown ? " · shown" : ""}`;
+    const up = document.createElement("button");
+    up.type = "button"; up.textContent = "👍"; up.className = "cand-up";
+    const down = document.createElement("button");
+    down.type = "button"; down.textContent = "👎"; down.className = "cand-down";
+    [up, down].forEach((b) => b.addEventListener("click", async () => {
+      const ok = await sendFeedback({ completion_id: completionId, choice_index: c.index, thumbs: b === up ? "up" : "down" }, ack);
+      if (ok) markChosen([up, down], b);
+    }));
+    li.append(text, score, " ", up, down);
+    list.appendChild(li);
+    const label = `#${c.index + 1}: ${(c.text || "(empty)").slice(0, 40)}`;
+    selA.add(new Option(label, c.index));
+    selB.add(new Option(label, c.index));
+  }
+  if (record.candidates.length > 1) selB.selectedIndex = 1;
+  $(".compare", section).hidden = record.candidates.length < 2;
+  const prefer = (first) => async () => {
+    const a = Number(selA.value), b = Number(selB.value);
+    if (a === b) { ack.textContent = "pick two different candidates"; return; }
+    await sendFeedback({
+      completion_id: completionId,
+      preferred_index: first ? a : b,
+      rejected_index: first ? b : a,
+    }, ack);
+  };
+  $(".prefer-a", section).onclick = prefer(true);
+  $(".prefer-b", section).onclick = prefer(false);
+  section.hidden = false;
+}
+
+$("#composer").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const text = $("#prompt").value.trim();
+  if (!text) return;
+  $("#prompt").value = "";
+  addTurn("user", text);
+  state.messages.push({ role: "user", content: text });
+  const bestOf = Math.max(1, Math.min(16, Number($("#best-of").value) || 1));
+  const body = {
+    model: "palm-rlhf",
+    messages: state.messages,
+    n: 1,
+    best_of: bestOf,
+    temperature: Number($("#temperature").value),
+    max_tokens: Number($("#max-tokens").value) || undefined,
+  };
+  $("#send").disabled = true;
+  setStatus(`thinking (${bestOf} candidate${bestOf > 1 ? "s" : ""})…`);
+  try {
+    const completion = await api("POST", "/v1/chat/completions", body);
+    state.messages.push({ role: "assistant", content: completion.choices[0].message.content });
+    renderAnswer(completion);
+    setStatus("");
+  } catch (e) {
+    state.messages.pop();
+    addTurn("error", `Error: ${e.message}`);
+    setStatus("");
+  } finally {
+    $("#send").disabled = false;
+    $("#prompt").focus();
+  }
+});
+
+$("#prompt").addEventListener("keydown", (ev) => {
+  if (ev.key === "Enter" && !ev.shiftKey) {
+    ev.preventDefault();
+    $("#composer").requestSubmit();
+  }
+});
+
+$("#new-chat").addEventListener("click", () => {
+  state.messages = [];
+  $("#conversation").replaceChildren();
+});

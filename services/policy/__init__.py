@@ -1,0 +1,1 @@
+"""The policy service: batched sampling from the current policy version."""

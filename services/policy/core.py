@@ -1,0 +1,535 @@
+"""The policy core: validation, dynamic batching and atomic version swaps, free of gRPC.
+
+Requests are queued; one batcher task takes whatever is queued (after a short window when the
+model was idle, so requests arriving together share a batch) and runs all their prompts in
+ONE ``stream_generate`` call with per-prompt SamplingParams, in a worker thread so the event
+loop stays responsive. Each request belongs to exactly one batch, and a batch captures the
+served model object when it starts: a version swap replaces that object between batches and
+never touches weights in use, so every request runs on one version and reports it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from palm_rlhf.generation import SamplingParams, stream_generate
+from services.common.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
+from services.common.metrics import ServiceMetrics
+from services.common.models import LoadedPalm, load_palm_version, version_path
+
+log = logging.getLogger(__name__)
+
+# Stop this long before a caller's deadline, so the reply (or the final stream chunk) can
+# still reach it in time.
+DEADLINE_MARGIN_S = 0.05
+
+
+@dataclass
+class PolicyLimits:
+    max_prompt_tokens: int = 1024
+    max_new_tokens: int = 512
+    default_max_new_tokens: int = 64
+    max_n: int = 16
+    max_batch: int = 64  # prompts per request
+    max_batch_rows: int = 128  # prompts x samples per model batch
+    batch_window_s: float = 0.0
+    # A large batch is compute-bound and gains from every core; a small one is bound by memory
+    # and by this process's own event loop, which extra OpenMP threads would crowd out.
+    batch_threads: int = 0  # torch threads for batches of >= batch_threads_min_rows rows (0: unchanged)
+    batch_threads_min_rows: int = 16
+    base_threads: int = 1  # torch threads for the other batches (--torch-threads)
+
+
+@dataclass
+class GenParams:
+    """Sampling parameters of one request; None means "the default"."""
+
+    n: int | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    max_new_tokens: int | None = None
+    stop: Sequence[str] = ()
+    stop_token_ids: Sequence[int] = ()
+    seed: int | None = None
+    return_logprobs: bool = False
+
+
+@dataclass
+class CandidateOut:
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    finish_reason: str  # "stop" | "length" | "cancelled"
+    matched_stop: str = ""
+
+
+@dataclass
+class GenerationOut:
+    prompt_token_ids: list[list[int]]
+    candidates: list[list[CandidateOut]]  # per prompt, n each
+    version: str
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(c.token_ids) for cs in self.candidates for c in cs)
+
+
+@dataclass
+class StreamEvent:
+    prompt_index: int
+    sample_index: int
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    finish_reason: str | None
+    version: str
+    prompt_token_ids: list[int] = field(default_factory=list)
+
+
+class _Row:
+    """Decoding state of one (prompt, sample) of one request inside a batch."""
+
+    __slots__ = (
+        "announced",
+        "done",
+        "emitted",
+        "ids",
+        "lps",
+        "matched",
+        "prompt_index",
+        "reason",
+        "req",
+        "sample_index",
+    )
+
+    def __init__(self, req: _Request, prompt_index: int, sample_index: int):
+        self.req, self.prompt_index, self.sample_index = req, prompt_index, sample_index
+        self.ids: list[int] = []
+        self.lps: list[float] = []
+        self.done = False
+        self.emitted = ""  # streamed text so far
+        self.matched = ""
+        self.reason = "length"
+        self.announced = False  # whether a chunk of this row has been streamed yet
+
+
+class _Request:
+    """A validated request waiting for, or running in, a batch."""
+
+    def __init__(self, prompts: list[list[int]], sp: SamplingParams, params: GenParams, deadline: float | None,
+                 loop: asyncio.AbstractEventLoop, stream: bool):
+        self.prompts = prompts
+        self.sp = sp
+        self.params = params
+        self.deadline = deadline
+        self.loop = loop
+        self.future: asyncio.Future = loop.create_future()
+        self.queue: asyncio.Queue | None = asyncio.Queue() if stream else None
+        self.cancelled = threading.Event()
+        self.rows: list[_Row] = []
+        self.rows_left = 0
+        self.finished = False
+        self.version = ""
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.prompts) * self.sp.n
+
+    # -- called from the worker thread -------------------------------------------------------
+
+    def _call(self, fn, *args) -> None:
+        self.loop.call_soon_threadsafe(fn, *args)
+
+    def emit(self, event: StreamEvent) -> None:
+        if self.queue is not None:
+            self._call(self.queue.put_nowait, event)
+
+    def resolve(self, result) -> None:
+        self.finished = True
+        self._call(_set_future, self.future, result, None)
+        if self.queue is not None:
+            self._call(self.queue.put_nowait, None)
+
+    def fail(self, exc: BaseException) -> None:
+        self.finished = True
+        self._call(_set_future, self.future, None, exc)
+        if self.queue is not None:
+            self._call(self.queue.put_nowait, exc)
+
+
+def _set_future(fut: asyncio.Future, result, exc) -> None:
+    if fut.done():
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(result)
+
+
+class PolicyCore:
+    """Serves one policy model version at a time, with dynamic batching."""
+
+    def __init__(self, store, device: str, limits: PolicyLimits, metrics: ServiceMetrics):
+        self.store = store
+        self.device = device
+        self.limits = limits
+        self.metrics = metrics
+        self.current: LoadedPalm | None = None
+        self._pending: deque[_Request] = deque()
+        self._wakeup: asyncio.Event | None = None
+        self._batcher: asyncio.Task | None = None
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="policy-generate")
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="policy-load")
+        self._load_lock: asyncio.Lock | None = None
+        self._closed = False
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self, path: Path, version: str) -> None:
+        """Load the first model and start the batcher."""
+        self._wakeup = asyncio.Event()
+        self._load_lock = asyncio.Lock()
+        loaded = await asyncio.get_running_loop().run_in_executor(
+            self._loader, load_palm_version, path, version, self.device
+        )
+        self._swap(loaded)
+        self._batcher = asyncio.create_task(self._batch_loop(), name="policy-batcher")
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._batcher is not None:
+            self._batcher.cancel()
+            try:
+                await self._batcher
+            except asyncio.CancelledError:
+                pass  # the expected outcome of cancel()
+        for req in self._pending:
+            req.fail(Unavailable("the server is shutting down"))
+        self._pending.clear()
+        self._worker.shutdown(wait=True, cancel_futures=True)
+        self._loader.shutdown(wait=False, cancel_futures=True)
+
+    def _swap(self, loaded: LoadedPalm) -> None:
+        # Rebinding one attribute is atomic: a batch that already took the old object keeps it.
+        self.current = loaded
+        self.metrics.set_version(loaded.version)
+        log.info("policy now serving %s (%s)", loaded.version, loaded.path)
+
+    async def load_version(self, version: str | None) -> tuple[str, str]:
+        """Switch to ``version`` (None/"" = the store's CURRENT); returns (new, previous)."""
+        if self._load_lock is None or self.current is None:
+            raise Unavailable("the policy model is still loading")
+        async with self._load_lock:
+            previous = self.current.version
+            if not version:
+                version = self.store.current()
+                if version is None:
+                    raise Unavailable(f"the policy store {self.store.root} has no versions")
+            path = version_path(self.store, version)  # NotFound for unknown versions
+            if version == previous:
+                return version, previous
+            loaded = await asyncio.get_running_loop().run_in_executor(
+                self._loader, load_palm_version, path, version, self.device
+            )
+            self._swap(loaded)
+            return version, previous
+
+    # -- request validation ---------------------------------------------------------------
+
+    def _model(self) -> LoadedPalm:
+        if self.current is None:
+            raise Unavailable("the policy model is still loading; retry shortly")
+        return self.current
+
+    def encode_prompts(self, prompts: Sequence[str | Sequence[int]]) -> list[list[int]]:
+        """Token ids for each prompt: text is encoded with BOS prepended; ids are checked."""
+        m = self._model()
+        lim = self.limits
+        if not prompts:
+            raise InvalidArgument("no prompts given: send at least one prompt")
+        if len(prompts) > lim.max_batch:
+            raise ResourceExhausted(f"{len(prompts)} prompts in one request; the limit is {lim.max_batch}")
+        vocab = m.model.num_tokens
+        out = []
+        for i, p in enumerate(prompts):
+            if isinstance(p, str):
+                if not p:
+                    raise InvalidArgument(f"prompt {i} is empty text")
+                ids = [m.tokenizer.bos_id] + list(m.tokenizer.encode(p))
+            else:
+                ids = [int(t) for t in p]
+                if not ids:
+                    raise InvalidArgument(f"prompt {i} has no token ids")
+                bad = [t for t in ids if not 0 <= t < vocab]
+                if bad:
+                    raise InvalidArgument(
+                        f"prompt {i} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}"
+                    )
+            if len(ids) > lim.max_prompt_tokens:
+                raise ResourceExhausted(
+                    f"prompt {i} has {len(ids)} tokens; the limit is {lim.max_prompt_tokens}"
+                )
+            out.append(ids)
+        return out
+
+    def sampling_params(self, params: GenParams, prompts: list[list[int]]) -> SamplingParams:
+        m = self._model()
+        lim = self.limits
+        n = 1 if params.n is None else int(params.n)
+        temperature = 1.0 if params.temperature is None else float(params.temperature)
+        top_k = 0 if params.top_k is None else int(params.top_k)
+        top_p = 1.0 if params.top_p is None else float(params.top_p)
+        max_new = lim.default_max_new_tokens if params.max_new_tokens is None else int(params.max_new_tokens)
+        if n < 1:
+            raise InvalidArgument(f"n must be >= 1, got {n}")
+        if n > lim.max_n:
+            raise ResourceExhausted(f"n = {n} samples per prompt; the limit is {lim.max_n}")
+        if not math.isfinite(temperature) or temperature < 0:
+            raise InvalidArgument(f"temperature must be a finite number >= 0, got {temperature}")
+        if top_k < 0:
+            raise InvalidArgument(f"top_k must be >= 0 (0 disables), got {top_k}")
+        if not math.isfinite(top_p) or not 0 < top_p <= 1:
+            raise InvalidArgument(f"top_p must be in (0, 1], got {top_p}")
+        if max_new < 1:
+            raise InvalidArgument(f"max_new_tokens must be >= 1, got {max_new}")
+        if max_new > lim.max_new_tokens:
+            raise ResourceExhausted(f"max_new_tokens = {max_new}; the limit is {lim.max_new_tokens}")
+        if any(s == "" for s in params.stop):
+            raise InvalidArgument("stop sequences must be non-empty strings")
+        vocab = m.model.num_tokens
+        bad = [t for t in params.stop_token_ids if not 0 <= int(t) < vocab]
+        if bad:
+            raise InvalidArgument(f"stop token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+        longest = max(len(p) for p in prompts)
+        if longest + max_new > m.config.max_seq_len:
+            raise ResourceExhausted(
+                f"{longest} prompt tokens + {max_new} new tokens exceed the model's max_seq_len "
+                f"of {m.config.max_seq_len}"
+            )
+        if n * len(prompts) > lim.max_batch_rows:
+            raise ResourceExhausted(
+                f"{len(prompts)} prompts x {n} samples = {n * len(prompts)} sequences; the limit is "
+                f"{lim.max_batch_rows}"
+            )
+        stop_ids = [m.tokenizer.eos_id, *(int(t) for t in params.stop_token_ids)]
+        return SamplingParams(
+            max_new_tokens=max_new, temperature=temperature, top_k=top_k, top_p=top_p,
+            stop_token_ids=tuple(dict.fromkeys(stop_ids)), seed=params.seed, n=n,
+        )
+
+    # -- public API -----------------------------------------------------------------------
+
+    def _submit(self, prompts, params: GenParams, timeout: float | None, stream: bool) -> _Request:
+        if self._closed:
+            raise Unavailable("the server is shutting down")
+        ids = self.encode_prompts(prompts)
+        sp = self.sampling_params(params, ids)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        req = _Request(ids, sp, params, deadline, asyncio.get_running_loop(), stream)
+        self._pending.append(req)
+        self.metrics.queue_depth.labels(self.metrics.service).set(len(self._pending))
+        self._wakeup.set()
+        return req
+
+    async def generate(self, prompts: Sequence[str | Sequence[int]], params: GenParams,
+                       timeout: float | None = None) -> GenerationOut:
+        """Sample ``n`` candidates per prompt; ``timeout`` is the caller's remaining time."""
+        req = self._submit(prompts, params, timeout, stream=False)
+        try:
+            return await asyncio.shield(req.future)
+        except asyncio.CancelledError:
+            req.cancelled.set()  # the caller went away: stop spending forward passes on it
+            raise
+
+    async def generate_stream(self, prompts: Sequence[str | Sequence[int]], params: GenParams,
+                              timeout: float | None = None) -> AsyncIterator[StreamEvent]:
+        """Yield token deltas as they are sampled, then one final event per candidate."""
+        req = self._submit(prompts, params, timeout, stream=True)
+        try:
+            while True:
+                item = await req.queue.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            req.cancelled.set()
+
+    # -- batching ---------------------------------------------------------------------------
+
+    async def _batch_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._pending:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            if self.limits.batch_window_s > 0:
+                # The model was idle: give requests sent together a moment to arrive together.
+                await asyncio.sleep(self.limits.batch_window_s)
+            batch: list[_Request] = []
+            rows = 0
+            while self._pending:
+                req = self._pending[0]
+                if req.cancelled.is_set():
+                    self._pending.popleft()
+                    continue
+                if batch and rows + req.num_rows > self.limits.max_batch_rows:
+                    break
+                batch.append(self._pending.popleft())
+                rows += req.num_rows
+            self.metrics.queue_depth.labels(self.metrics.service).set(len(self._pending))
+            if not batch:
+                continue
+            model = self.current  # this batch runs entirely on this object
+            try:
+                await loop.run_in_executor(self._worker, self._run_batch, model, batch)
+            except Exception as e:
+                log.exception("batch of %d requests failed", len(batch))
+                for req in batch:
+                    if not req.finished:
+                        req.fail(e)
+
+    def _run_batch(self, m: LoadedPalm, batch: list[_Request]) -> None:
+        """Worker thread: decode every prompt of every request of ``batch`` together."""
+        lim = self.limits
+        if lim.batch_threads > 0:
+            import torch
+
+            big = sum(r.num_rows for r in batch) >= lim.batch_threads_min_rows
+            # set every time: a fresh worker thread does not report the process setting
+            torch.set_num_threads(lim.batch_threads if big else max(1, lim.base_threads))
+        tok = m.tokenizer
+        prompts: list[list[int]] = []
+        params: list[SamplingParams] = []
+        rows: list[_Row] = []
+        for req in batch:
+            req.version = m.version
+            for pi, ids in enumerate(req.prompts):
+                prompts.append(ids)
+                params.append(req.sp)
+                for j in range(req.sp.n):
+                    rows.append(_Row(req, pi, j))
+            req.rows = rows[len(rows) - req.num_rows:]
+            req.rows_left = req.num_rows
+        svc = self.metrics.service
+        self.metrics.batch_size.labels(svc).observe(len(batch))
+        self.metrics.batch_rows.labels(svc).observe(len(rows))
+        self.metrics.prompt_tokens.labels(svc).inc(sum(len(p) for p in prompts))
+        holdback = {id(req): max((len(s) for s in req.params.stop), default=1) - 1 for req in batch}
+        generated = 0
+        active = list(batch)
+        gen = stream_generate(m.model, prompts, params)
+        try:
+            for step in gen:
+                now = time.monotonic()
+                for req in active:
+                    if req.cancelled.is_set() or (req.deadline is not None and now > req.deadline - DEADLINE_MARGIN_S):
+                        self._cut_short(req, m)
+                for r, token in enumerate(step.tokens):
+                    row = rows[r]
+                    if token is None or row.done:
+                        continue
+                    finished = step.finished[r]
+                    new_ids: list[int] = []
+                    new_lps: list[float] = []
+                    if finished == "stop":
+                        row.reason = "stop"  # the stop id itself is not part of the answer
+                    else:
+                        row.ids.append(token)
+                        row.lps.append(step.logprobs[r])
+                        new_ids, new_lps = [token], [step.logprobs[r]]
+                        generated += 1
+                        if row.req.params.stop and self._match_stop(row, tok):
+                            finished = "stop"
+                    req = row.req
+                    if finished is not None:
+                        row.done = True
+                        if finished == "length":
+                            row.reason = "length"
+                        req.rows_left -= 1
+                    if req.queue is not None:
+                        self._emit(row, tok, new_ids, new_lps, finished, holdback[id(req)])
+                    if req.rows_left == 0 and not req.finished:
+                        self._complete(req, tok)
+                active = [req for req in active if not req.finished]
+                if not active:
+                    break
+        finally:
+            gen.close()
+            self.metrics.tokens_generated.labels(svc).inc(generated)
+        for req in batch:
+            if not req.finished:  # every row hit the step limit together
+                for row in req.rows:
+                    row.done = True
+                self._complete(req, tok)
+
+    @staticmethod
+    def _match_stop(row: _Row, tok) -> bool:
+        """True when the row's text now contains one of its stop sequences (then truncated)."""
+        text = tok.decode(row.ids)
+        hits = [(text.find(s), s) for s in row.req.params.stop if s in text]
+        if not hits:
+            return False
+        cut, stop = min(hits)
+        keep = len(row.ids)
+        while keep > 0 and len(tok.decode(row.ids[:keep])) > cut:
+            keep -= 1
+        del row.ids[keep:], row.lps[keep:]
+        row.matched, row.reason = stop, "stop"
+        return True
+
+    @staticmethod
+    def _emit(row: _Row, tok, ids: list[int], lps: list[float], finished: str | None, holdback: int) -> None:
+        req = row.req
+        text = tok.decode(row.ids)
+        if finished is None:
+            stable = text.rstrip("\ufffd")  # an incomplete multi-byte character decodes as U+FFFD
+            stable = stable[: max(len(row.emitted), len(stable) - holdback)]
+        else:
+            stable = text
+        delta = stable[len(row.emitted):] if stable.startswith(row.emitted) else ""
+        row.emitted += delta
+        req.emit(StreamEvent(
+            prompt_index=row.prompt_index, sample_index=row.sample_index, token_ids=ids,
+            logprobs=lps if req.params.return_logprobs else [], text=delta,
+            finish_reason=row.reason if finished is not None else None, version=req.version,
+            prompt_token_ids=req.prompts[row.prompt_index] if row.sample_index == 0 and not row.announced else [],
+        ))
+        row.announced = True
+
+    def _complete(self, req: _Request, tok) -> None:
+        n = req.sp.n
+        cands = [[None] * n for _ in req.prompts]
+        for row in req.rows:
+            cands[row.prompt_index][row.sample_index] = CandidateOut(
+                token_ids=list(row.ids), logprobs=list(row.lps) if req.params.return_logprobs else [],
+                text=tok.decode(row.ids), finish_reason=row.reason, matched_stop=row.matched,
+            )
+        req.resolve(GenerationOut(prompt_token_ids=req.prompts, candidates=cands, version=req.version))
+
+    def _cut_short(self, req: _Request, m: LoadedPalm) -> None:
+        """Stop a request whose caller left or whose deadline is about to pass."""
+        if req.finished:
+            return
+        if req.queue is None:
+            req.fail(DeadlineExceeded("deadline exceeded before generation finished")
+                     if not req.cancelled.is_set() else Unavailable("cancelled"))
+            for row in req.rows:
+                row.done = True
+            return
+        for row in req.rows:
+            if not row.done:
+                row.done, row.reason = True, "cancelled"
+                self._emit(row, m.tokenizer, [], [], "cancelled", 0)
+        req.resolve(None)

@@ -1,0 +1,1 @@
+"""The reference service: log-probabilities under the frozen starting policy (the KL anchor)."""

@@ -1,0 +1,182 @@
+"""The online loop in one process: tiny models in real checkpoint stores, a real SQLite
+feedback log, and the reference/reward services answered by local stand-ins."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from palm_rlhf.rl.feedback import PreferencePair
+from palm_rlhf.rl.online import pairwise_accuracy, reward_publish_decision
+from services.trainer.loop import LoopStore, OnlineLoop, OnlineSettings, parse_scorer
+
+from .conftest import LocalClients, StoreCore, add_completion, make_stores, tiny_palm
+
+FAST = {"iterations": 2, "prompts_per_iteration": 2, "group_size": 2, "max_new_tokens": 6, "epochs": 1,
+        "reward_steps": 3, "eval_prompts": 4, "reward_min_heldout": 1, "gate_min_pairs": 1, "heldout_fraction": 0.5}
+
+
+def make_loop(tmp_path, feedback_store, clients=None, **settings) -> OnlineLoop:
+    make_stores(tmp_path) if not (tmp_path / "checkpoints").exists() else None
+    clients = clients or LocalClients(tiny_palm(0).eval(), lambda t: t.count("e") / 10)
+    s = OnlineSettings(**{**FAST, **settings})
+    return OnlineLoop(tmp_path, feedback_store.url, clients, s)
+
+
+def give_feedback(feedback_store, n_prompts: int = 6, start: int = 0) -> list[int]:
+    ids = []
+    for i in range(start, start + n_prompts):
+        rec = add_completion(feedback_store, f"question number {i}?", ["see the evening", "dark stormy night"])
+        ids.append(feedback_store.add_feedback(rec.id, kind="thumbs", choice_index=0, value=1)[0].id)
+        ids.append(feedback_store.add_feedback(rec.id, kind="thumbs", choice_index=1, value=-1)[0].id)
+        ids.append(feedback_store.add_feedback(rec.id, kind="preference", preferred_index=0, rejected_index=1)[0].id)
+    return ids
+
+
+def test_feedback_is_read_incrementally_and_the_cursor_survives_a_restart(tmp_path, feedback_store):
+    loop = make_loop(tmp_path, feedback_store, reward_refit=False)
+    ids = give_feedback(feedback_store, 2)
+    state = loop.files.load_state()
+    assert loop.ingest(state) == (6, 0)
+    assert json.loads((tmp_path / "trainer" / "online-state.json").read_text())["last_feedback_id"] == ids[-1]
+    assert loop.ingest(state) == (0, 0)  # nothing new
+    more = give_feedback(feedback_store, 1, start=2)
+    restarted = make_loop(tmp_path, feedback_store, reward_refit=False)  # a new process: state from disk
+    state = restarted.files.load_state()
+    assert state.last_feedback_id == ids[-1]
+    assert restarted.ingest(state) == (3, 0) and state.last_feedback_id == more[-1]
+    data = restarted.files.load_data()
+    assert len(data["prompt"]) == 3 and len(data["pair"]) == 3  # thumbs pair and explicit pair coincide
+    assert {p.chosen for p in data["pair"]} == {"see the evening"}
+
+
+def test_rereading_after_a_crash_before_the_cursor_moved_does_not_duplicate(tmp_path, feedback_store):
+    loop = make_loop(tmp_path, feedback_store, reward_refit=False)
+    give_feedback(feedback_store, 2)
+    state = loop.files.load_state()
+    loop.ingest(state)
+    # the data file was written but the process died before saving the cursor
+    (tmp_path / "trainer" / "online-state.json").unlink()
+    loop.ingest(loop.files.load_state())
+    data = LoopStore(tmp_path).load_data()
+    assert len(data["prompt"]) == 2 and len(data["thumb"]) == 4 and len(data["pair"]) == 2
+
+
+def test_reward_publish_decision_needs_held_out_pairs_and_no_accuracy_drop():
+    assert reward_publish_decision(0.6, 0.7, num_heldout=10)[0]
+    assert reward_publish_decision(0.6, 0.6, num_heldout=10)[0]
+    ok, why = reward_publish_decision(0.7, 0.6, num_heldout=10)
+    assert not ok and "fell" in why
+    assert not reward_publish_decision(0.5, 0.9, num_heldout=2, min_heldout=4)[0]
+
+
+def _pairs(prompts, chosen: str, rejected: str, heldout: bool) -> list[PreferencePair]:
+    return [PreferencePair(p, [1], chosen, rejected, [5], [6], "preference", i, heldout) for i, p in enumerate(prompts)]
+
+
+def _reward_model(tmp_path):
+    from palm_rlhf.reward import RewardModel
+    from palm_rlhf.tokenizer import ByteTokenizer
+
+    st = StoreCore(tmp_path).reward_store
+    model, _ = RewardModel.from_checkpoint(st.path(st.current()))
+    return model, ByteTokenizer()
+
+
+@pytest.mark.parametrize("held_out_agrees_with_training", [True, False])
+def test_reward_refit_is_published_only_if_held_out_accuracy_does_not_drop(tmp_path, feedback_store,
+                                                                          held_out_agrees_with_training):
+    make_stores(tmp_path)
+    model, tok = _reward_model(tmp_path)
+    a, b = "sunny and bright", "grey rain all day"
+    prompts = [f"User: question {i}\nAssistant:" for i in range(6)]
+    # orient the held-out pairs the way the starting model already ranks them: accuracy 1.0 before
+    probe = _pairs(prompts[4:], a, b, True)
+    start_agrees_a = pairwise_accuracy(model, tok, probe) == 1.0
+    good, bad = (a, b) if start_agrees_a else (b, a)
+    held = _pairs(prompts[4:], good, bad, True)
+    train = _pairs(prompts[:4], good, bad, False) if held_out_agrees_with_training else \
+        _pairs(prompts[:4], bad, good, False)
+    clients = LocalClients(tiny_palm(0), len)
+    loop = make_loop(tmp_path, feedback_store, clients, reward_steps=30, reward_lr=3e-3, reward_min_heldout=2)
+    core = StoreCore(tmp_path)
+    out = loop.refit_reward(core, {"pair": train + held, "rating": [], "thumb": [], "prompt": []})
+    assert out["reward_heldout_accuracy_before"] == 1.0
+    if held_out_agrees_with_training:
+        assert out["reward_published"] == 1.0 and out["reward_heldout_accuracy_after"] == 1.0
+        assert core.reward_store.current() == "v0002" and clients.loaded == ["v0002"]
+        m = core.reward_store.manifest("v0002")
+        assert m["parent"] == "v0001" and m["metadata"]["heldout_accuracy"] == 1.0
+        assert "reward_head" in m["metadata"]
+    else:
+        assert out["reward_heldout_accuracy_after"] < 1.0
+        assert out["reward_published"] == 0.0 and "fell" in out["reward_message"]
+        assert core.reward_store.versions() == ["v0001"] and clients.loaded == []
+
+
+def test_a_round_trains_gates_and_publishes_with_parent_and_gate_metrics(tmp_path, feedback_store):
+    loop = make_loop(tmp_path, feedback_store, kl_budget=1e9, gate_reward_tolerance=1e9, gate_max_repetition=1.0,
+                     gate_min_length_ratio=0.0, gate_max_length_ratio=1e9, gate_pair_tolerance=1.0)
+    give_feedback(feedback_store, 8)
+    core = StoreCore(tmp_path)
+    version, metrics = loop(core)
+    assert version == "v0002" and core.published == ["v0002"]
+    m = core.policy_store.manifest("v0002")
+    assert m["parent"] == "v0001" and m["lora"] == {}
+    assert m["metadata"]["gate"]["passed"] is True and "kl" in m["metadata"]["gate"]["candidate"]
+    assert metrics["gate_passed"] == 1.0 and metrics["feedback_new"] == 24
+    assert "published v0002" in metrics["message"]
+    # the published weights are the actor's (changed), not a copy of the parent
+    from palm_rlhf.checkpoint import load_checkpoint
+
+    new, _ = load_checkpoint(core.policy_store.path("v0002"))
+    old, _ = load_checkpoint(core.policy_store.path("v0001"))
+    assert any(not torch.allclose(new[k].float(), old[k].float()) for k in old)
+    # nothing new: the next round does not train
+    again, info = loop(core)
+    assert again is None and info["message"] == "no new feedback" and core.policy_store.versions() == ["v0001", "v0002"]
+
+
+def test_a_round_whose_candidate_breaks_the_kl_budget_publishes_nothing(tmp_path, feedback_store):
+    loop = make_loop(tmp_path, feedback_store, kl_budget=-1.0, reward_refit=False, lr=1e-2)
+    give_feedback(feedback_store, 8)
+    core = StoreCore(tmp_path)
+    version, metrics = loop(core)
+    assert version is None and core.policy_store.versions() == ["v0001"]
+    assert metrics["gate_kl"] == 0.0 and metrics["gate_passed"] == 0.0 and "KL" in metrics["message"]
+    state = LoopStore(tmp_path).load_state()
+    assert state.rounds == 1 and state.history[-1]["published"] is None
+
+
+def test_scorer_specifications():
+    assert parse_scorer("sentiment") == {"sentiment": 1.0}
+    assert parse_scorer("learned:0.5+sentiment:2") == {"learned": 0.5, "sentiment": 2.0}
+    with pytest.raises(ValueError, match="unknown reward scorer"):
+        parse_scorer("vibes")
+
+
+def test_settings_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("PALM_RLHF_REWARD_SCORER", "learned+sentiment")
+    monkeypatch.setenv("PALM_RLHF_KL_BUDGET", "3.5")
+    monkeypatch.setenv("PALM_RLHF_RL_ALGORITHM", "grpo")
+    monkeypatch.setenv("PALM_RLHF_REWARD_REFIT", "0")
+    s = OnlineSettings.from_env()
+    assert (s.reward_scorer, s.kl_budget, s.algorithm, s.reward_refit) == ("learned+sentiment", 3.5, "grpo", False)
+    assert s.gate_config().kl_budget == 3.5
+    monkeypatch.setenv("PALM_RLHF_RL_ALGORITHM", "a2c")
+    with pytest.raises(ValueError, match="ppo, grpo or rloo"):
+        OnlineSettings.from_env()
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+def test_other_algorithms_run_a_round(tmp_path, feedback_store, algorithm):
+    loop = make_loop(tmp_path, feedback_store, algorithm=algorithm, reward_refit=False, kl_budget=1e9,
+                     gate_reward_tolerance=1e9, gate_max_repetition=1.0, gate_min_length_ratio=0.0,
+                     gate_max_length_ratio=1e9, gate_pair_tolerance=1.0)
+    give_feedback(feedback_store, 6)
+    version, metrics = loop(StoreCore(tmp_path))
+    assert version == "v0002" and "train_policy_loss" in metrics
+    if algorithm == "ppo":
+        assert "train_value_loss" in metrics
