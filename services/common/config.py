@@ -129,6 +129,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     gw.add_argument("--rate-limit", type=rate_limit_spec, default=rate_limit_spec(env("RATE_LIMIT", "120")),
                     help="gateway: requests per minute per API key; a bare number is per minute, or give "
                          "N/s, N/min, N/h, 'off' (PALM_RLHF_RATE_LIMIT, default 120)")
+    gw.add_argument("--keep-alive", type=float, default=env("KEEP_ALIVE", 75.0, float),
+                    help="gateway: seconds an idle HTTP connection stays open (PALM_RLHF_KEEP_ALIVE, default 75; "
+                         "keep it above the idle timeout of clients and load balancers)")
     gw.add_argument("--insecure-no-auth", action="store_true", default=env("INSECURE_NO_AUTH", False, bool),
                     help="gateway: serve without API keys on a non-loopback address (PALM_RLHF_INSECURE_NO_AUTH)")
 

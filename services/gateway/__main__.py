@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--admin-token", default=None)
     p.add_argument("--max-body-bytes", type=int, default=None)
+    p.add_argument("--keep-alive", type=float, default=None, help="idle HTTP connection timeout in seconds (default 75)")
     p.add_argument(
         "--insecure-no-auth", action="store_true", help="allow serving beyond loopback without keys"
     )

@@ -963,6 +963,7 @@ def run_gateway(args) -> int:
         generate_s=float(os.environ.get("PALM_RLHF_GENERATE_TIMEOUT", "120")),
         score_s=float(os.environ.get("PALM_RLHF_SCORE_TIMEOUT", "30")),
     )
+    keep_alive = float(_arg(args, "keep_alive", "PALM_RLHF_KEEP_ALIVE", 75))
     policy_addr = _arg(args, "policy_addr", "PALM_RLHF_POLICY_ADDR", "127.0.0.1:50051")
     reward_addr = _arg(args, "reward_addr", "PALM_RLHF_REWARD_ADDR", "127.0.0.1:50053")
 
@@ -987,7 +988,15 @@ def run_gateway(args) -> int:
         level = str(_arg(args, "log_level", "PALM_RLHF_LOG_LEVEL", "info")).lower()
         server = uvicorn.Server(
             uvicorn.Config(
-                app, log_level=level, access_log=False, timeout_graceful_shutdown=10, lifespan="off"
+                app,
+                log_level=level,
+                access_log=False,
+                timeout_graceful_shutdown=10,
+                lifespan="off",
+                # longer than the idle expiry of common HTTP clients (httpx 5 s, aiohttp 15 s) and
+                # load balancers (60 s): the client, not the server, closes an idle connection, so a
+                # request never races the server's close of the connection it was sent on
+                timeout_keep_alive=keep_alive,
             )
         )
         holder["server"] = server

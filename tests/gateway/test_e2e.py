@@ -157,3 +157,33 @@ def test_public_bind_without_keys_exits_with_a_clear_message(host, tmp_path):
         env={"PATH": "/usr/bin:/bin", "PALM_RLHF_DEMO_AUTOBUILD": "0"},
     )  # fmt: skip
     assert done.returncode != 0 and "without API keys" in done.stderr
+
+
+def test_an_idle_keep_alive_connection_outlives_the_clients_idle_expiry(stack):
+    """Common HTTP clients drop an idle pooled connection after 5 s (httpx) to 15 s (aiohttp). If
+    the server closed it first, a request sent just as the server closes fails with a transport
+    error, so the gateway keeps idle connections open longer than that: a request on a connection
+    idle for 6 s is answered on the same connection."""
+    import socket
+    import time
+
+    host, port = stack.gateway.addr.rsplit(":", 1)
+    request = f"GET /healthz HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+
+    def ask(sock: socket.socket) -> bytes:
+        sock.sendall(request)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(4096)
+            assert chunk, "the gateway closed the connection"
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = int(next(h.split(b":")[1] for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")))
+        while len(body) < length:
+            body += sock.recv(4096)
+        return head.split(b"\r\n", 1)[0]
+
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        assert ask(sock) == b"HTTP/1.1 200 OK"
+        time.sleep(6.0)
+        assert ask(sock) == b"HTTP/1.1 200 OK"
