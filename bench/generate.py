@@ -10,10 +10,10 @@ For each dtype (float32, bfloat16) and batch shape (one sample; eight samples of
 it prints tokens/s and the ratios against the peers. It also measures, in the same run:
 
 * the weight-streaming floor: one batch-1 matrix-vector product over every weight matrix of
-  the model (each weight read once from memory), in the faster of the two memory layouts. A
-  batch-1 decode step built on these GEMVs cannot beat it. A plain read of the same bytes
-  (a sum) is printed beside it: it is faster still, because the GEMV kernels do not reach the
-  raw read bandwidth.
+  the model (each weight read once from memory), each matrix in whichever of the two memory
+  layouts is faster for its shape. A batch-1 decode step built on these GEMVs cannot do much
+  better. A plain read of the same bytes (a sum) is printed beside it for reference: on some
+  machines it is faster still, because the GEMV kernels do not reach the raw read bandwidth.
 * the matmul peak: a large square matmul in the same dtype, for model FLOPs utilisation
   (PaLM appendix B: 2N + 4 L d_attn T FLOPs per generated token at context T).
 
@@ -66,15 +66,30 @@ def best_time(fn, repeats: int, warmup: int = 1) -> float:
     return min(times)
 
 
-def weight_floor(model: torch.nn.Module, dtype: torch.dtype, repeats: int = 20) -> tuple[float, int, float]:
-    """Seconds to stream every 2-D weight once through a batch-1 GEMV, in whichever memory
-    layout (output-major or input-major) is faster on this machine and dtype, and the bytes read.
-    Also the seconds of a plain read (a sum) over the same bytes, for reference: PyTorch's GEMV
-    kernels do not reach the raw read bandwidth, so no decoder built on them can."""
+def interleaved_min(fns: dict, rounds: int, warmup: int = 1) -> dict:
+    """Run every callable once per round, round after round, and keep each one's fastest time.
+    Interleaving puts every contender through the same stretches of machine noise (shared
+    hosts drift by 20% within minutes), so the ratios hold better than with one phase each."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
+
+
+def floor_runners(model: torch.nn.Module, dtype: torch.dtype) -> tuple[dict, int]:
+    """The weight-streaming floor as callables: per weight shape (a layer's projections
+    repeat), one batch-1 GEMV over every matrix of that shape in the output-major layout and
+    one in the input-major layout; the floor is the sum over shapes of the faster of the two.
+    Also a plain read (a sum) of every weight, for reference. Returns them and the bytes."""
     weights = [p.detach() for p in model.parameters() if p.ndim == 2]
     xs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=dtype) for w in weights}
-    out_major = [w.contiguous() for w in weights]
-    in_major = [w.t().contiguous().t() for w in weights]
+    runners = {}
 
     def gemv(ws):
         def once():
@@ -83,13 +98,18 @@ def weight_floor(model: torch.nn.Module, dtype: torch.dtype, repeats: int = 20) 
 
         return once
 
-    def read():
-        for w in out_major:
-            w.sum()
+    for shape in sorted({tuple(w.shape) for w in weights}):
+        same = [w for w in weights if tuple(w.shape) == shape]
+        runners[f"floor-om{shape}"] = gemv([w.contiguous() for w in same])
+        runners[f"floor-im{shape}"] = gemv([w.t().contiguous().t() for w in same])
+    flat = [w.contiguous() for w in weights]
+    runners["raw-read"] = lambda: [w.sum() for w in flat]
+    return runners, sum(w.numel() * w.element_size() for w in weights)
 
-    nbytes = sum(w.numel() * w.element_size() for w in weights)
-    floor = min(best_time(gemv(out_major), repeats, warmup=3), best_time(gemv(in_major), repeats, warmup=3))
-    return floor, nbytes, best_time(read, repeats, warmup=3)
+
+def floor_from(times: dict) -> float:
+    shapes = {k[len("floor-om") :] for k in times if k.startswith("floor-om")}
+    return sum(min(times[f"floor-om{s}"], times[f"floor-im{s}"]) for s in shapes)
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 1024) -> float:
@@ -102,23 +122,22 @@ def flops_per_token(cfg: PaLMConfig, ctx: float) -> float:
     return 2 * cfg.num_params() + 4 * cfg.depth * cfg.attn_inner * ctx
 
 
-def bench_ours(cfg: PaLMConfig, dtype, batch: int, repeats: int):
+def ours_runners(cfg: PaLMConfig, dtype, batch: int):
+    """The model and two callables: the whole generation, and the prefill alone (one new
+    token); their difference over ``NEW - 1`` is the decode step."""
     torch.manual_seed(0)
     model = PaLM(cfg).eval().to(dtype)
     prompt = torch.randint(0, VOCAB, (PROMPT,)).tolist()
     params = SamplingParams(max_new_tokens=NEW, temperature=1.0, n=batch)
-
-    def run():
-        # no stop tokens: every row produces exactly NEW tokens
-        generate_tokens(model, [prompt], params)
-
-    total = best_time(run, repeats)
-    prefill = best_time(lambda: generate_tokens(model, [prompt], SamplingParams(max_new_tokens=1, n=batch)), repeats)
-    step = (total - prefill) / (NEW - 1)
-    return model, batch * NEW / total, step
+    first = SamplingParams(max_new_tokens=1, n=batch)
+    # no stop tokens: every row produces exactly NEW tokens
+    return model, {
+        "ours": lambda: generate_tokens(model, [prompt], params),
+        "ours-prefill": lambda: generate_tokens(model, [prompt], first),
+    }
 
 
-def bench_hf(dtype, batch: int, repeats: int) -> float:
+def hf_runner(dtype, batch: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
@@ -153,7 +172,7 @@ def bench_hf(dtype, batch: int, repeats: int) -> float:
         with torch.inference_mode():
             model.generate(prompt, attention_mask=torch.ones_like(prompt), **kwargs)
 
-    return batch * NEW / best_time(run, repeats)
+    return run
 
 
 def bench_palm_rlhf_pytorch(dtype, batch: int, repeats: int) -> float:
@@ -176,7 +195,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--peers", default="hf,palm-rlhf-pytorch", help="comma list; empty for none")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5, help="interleaved rounds; each time is the fastest")
     ap.add_argument("--peer-repeats", type=int, default=1, help="repeats for palm-rlhf-pytorch (slow: no cache)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--json", type=Path, default=None, help="write results here")
@@ -196,8 +215,18 @@ def main(argv=None) -> int:
         dtype = getattr(torch, dname)
         peak = matmul_peak(dtype)
         for batch in [int(b) for b in args.batches.split(",")]:
-            model, ours, step = bench_ours(cfg, dtype, batch, args.repeats)
-            floor, nbytes, raw_read = weight_floor(model, dtype)
+            model, runners = ours_runners(cfg, dtype, batch)
+            floors, nbytes = floor_runners(model, dtype)
+            runners.update(floors)
+            if "hf" in peers:
+                try:
+                    runners["hf"] = hf_runner(dtype, batch)
+                except ImportError as e:
+                    print(f"    hf: not installed ({e}); install the bench extra")
+            times = interleaved_min(runners, args.repeats)
+            ours = batch * NEW / times["ours"]
+            step = (times["ours"] - times["ours-prefill"]) / (NEW - 1)
+            floor, raw_read = floor_from(times), times["raw-read"]
             ctx = PROMPT + NEW / 2
             mfu = ours * flops_per_token(cfg, ctx) / peak
             row = {
@@ -224,18 +253,16 @@ def main(argv=None) -> int:
                 if not ok:
                     failures.append(f"{dname} step/floor {step / floor:.2f} > {goal}")
             print(line, flush=True)
-            for peer, fn, key in (
-                ("hf", bench_hf, "hf"),
-                ("palm-rlhf-pytorch", bench_palm_rlhf_pytorch, "palm"),
-            ):
-                if peer not in peers:
-                    continue
-                reps = args.repeats if peer == "hf" else args.peer_repeats
+            theirs_by_peer = {}
+            if "hf" in runners:
+                theirs_by_peer["hf"] = ("hf", batch * NEW / times["hf"])
+            if "palm-rlhf-pytorch" in peers:
                 try:
-                    theirs = fn(dtype, batch, reps)
+                    theirs_by_peer["palm-rlhf-pytorch"] = (
+                        "palm", bench_palm_rlhf_pytorch(dtype, batch, args.peer_repeats))
                 except ImportError as e:
-                    print(f"    {peer}: not installed ({e}); install the bench extra")
-                    continue
+                    print(f"    palm-rlhf-pytorch: not installed ({e}); install the bench extra")
+            for peer, (key, theirs) in theirs_by_peer.items():
                 ratio = ours / theirs
                 goal = GOALS.get((dname, f"{key}@{batch}"))
                 verdict = ""

@@ -101,6 +101,11 @@ class _Sampler:
         self.temps = torch.tensor([p.temperature for p in row_params], device=device, dtype=torch.float32)
         self.greedy = self.temps == 0
         self.all_greedy = bool(self.greedy.all())
+        self.any_greedy = bool(self.greedy.any())
+        # rows sample at logits / temperature; greedy rows keep theirs (their draw is discarded)
+        self.inv_temps = None
+        if not bool((self.temps == 1).all() | self.all_greedy):
+            self.inv_temps = torch.where(self.greedy, 1.0, 1.0 / self.temps.clamp(min=1e-30))[:, None]
         self.topk = torch.tensor([p.top_k for p in row_params], device=device)
         self.topp = torch.tensor([p.top_p for p in row_params], device=device, dtype=torch.float32)
         self.use_topk = bool((self.topk > 0).any())
@@ -121,10 +126,10 @@ class _Sampler:
     def __call__(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = logits.float()  # (batch, vocab)
         logp = F.log_softmax(logits, dim=-1)
-        greedy_tok = logits.argmax(dim=-1)
         if self.all_greedy:
+            greedy_tok = logits.argmax(dim=-1)
             return greedy_tok, logp.gather(-1, greedy_tok[:, None]).squeeze(-1)
-        scaled = logits / torch.where(self.greedy, 1.0, self.temps)[:, None]
+        scaled = logits if self.inv_temps is None else logits * self.inv_temps
         if self.use_topk or self.use_topp:
             sorted_vals, _ = scaled.sort(dim=-1, descending=True)
             vocab = scaled.shape[-1]
@@ -150,8 +155,9 @@ class _Sampler:
             for i, g in enumerate(self.generators):
                 if g is not None:
                     noise[i].exponential_(generator=g)
-        sampled = (probs / noise).argmax(dim=-1)
-        tok = torch.where(self.greedy, greedy_tok, sampled)
+        tok = (probs / noise).argmax(dim=-1)
+        if self.any_greedy:
+            tok = torch.where(self.greedy, logits.argmax(dim=-1), tok)
         return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
 
