@@ -122,3 +122,13 @@ def test_one_token_decode_with_lora_equals_the_full_forward():
         plain = model(x)[:, -1]
     torch.testing.assert_close(last, full, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(full, plain, atol=1e-3)  # the adapter does change the answer
+
+
+def test_one_bfloat16_row_goes_through_mv_with_the_same_answer():
+    torch.manual_seed(0)
+    w = torch.randn(96, 64, dtype=torch.bfloat16)
+    x = torch.randn(1, 1, 64, dtype=torch.bfloat16)
+    got = cpu_linear.linear(x, w)
+    assert got.shape == (1, 1, 96) and got.dtype == torch.bfloat16
+    expected = F.linear(x.float(), w.float())
+    torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=5e-2)
