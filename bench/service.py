@@ -3,8 +3,9 @@
 Starts ``palm-rlhf serve policy`` as a child process on an ephemeral port, serving either a
 given checkpoint or a random model with the shape of the shipped demo model (same cost per
 token), and measures completion tokens/s with 1, 4 and 16 concurrent clients. Each request is
-one prompt, ``--n`` samples, ``--new-tokens`` new tokens. The same requests are then run
-in-process with ``generate_tokens`` (same thread count) to price the transport.
+one prompt, ``--n`` samples, ``--new-tokens`` new tokens. The same requests also run
+in-process with ``generate_tokens`` (same thread count) to price the transport. Every
+measurement runs once per round (``--rounds``, default 3) and keeps its best round.
 
     python bench/service.py                 # prints a table and the ratios
     python bench/service.py --checkpoint palm_rlhf/demo/assets/demo-v1
@@ -99,7 +100,8 @@ async def run_clients(addr: str, clients: int, per_client: int, n: int, new_toke
     return tokens / wall, sum(latencies) / len(latencies)
 
 
-def in_process(path: Path, requests: int, n: int, new_tokens: int, threads: int) -> tuple[float, float]:
+def in_process(path: Path, n: int, new_tokens: int, threads: int):
+    """A callable running ``requests`` requests in this process: (tokens/s, s/request)."""
     import torch
 
     from palm_rlhf.chat import encode_prompt
@@ -116,13 +118,16 @@ def in_process(path: Path, requests: int, n: int, new_tokens: int, threads: int)
         sp = SamplingParams(max_new_tokens=new_tokens, n=n, seed=i, temperature=1.0, stop_token_ids=(tok.eos_id,))
         return sum(len(c.token_ids) for c in generate_tokens(model, [ids], sp)[0])
 
-    one(0)  # warm-up
-    tokens = 0
-    t0 = time.perf_counter()
-    for k in range(requests):
-        tokens += one(k)
-    wall = time.perf_counter() - t0
-    return tokens / wall, wall / requests
+    def run(requests: int) -> tuple[float, float]:
+        one(0)  # warm-up
+        tokens = 0
+        t0 = time.perf_counter()
+        for k in range(requests):
+            tokens += one(k)
+        wall = time.perf_counter() - t0
+        return tokens / wall, wall / requests
+
+    return run
 
 
 def main() -> int:
@@ -132,20 +137,30 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--requests", type=int, default=8, help="requests per measurement for 1 client")
     ap.add_argument("--threads", type=int, default=1, help="torch threads, service and in-process alike")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each figure is the best round")
     args = ap.parse_args()
 
+    configs = ((1, args.requests), (4, max(2, args.requests // 2)), (16, max(1, args.requests // 4)))
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)
         path = make_store(data, args.checkpoint)
         proc, addr = start_server(data, args.threads)
+        local = in_process(path, args.n, args.new_tokens, args.threads)
+        # rounds: every measurement once per round, each keeping its best, so that the ratios
+        # compare runs that went through the same stretches of machine noise
+        results: dict = {}
         try:
-            results = {}
-            for clients, per in ((1, args.requests), (4, max(2, args.requests // 2)), (16, max(1, args.requests // 4))):
-                results[clients] = asyncio.run(run_clients(addr, clients, per, args.n, args.new_tokens))
+            for r in range(args.rounds):
+                print(f"round {r + 1}/{args.rounds}", file=sys.stderr, flush=True)
+                runs = {c: asyncio.run(run_clients(addr, c, per, args.n, args.new_tokens)) for c, per in configs}
+                runs["in-proc"] = local(args.requests)
+                for key, (tps, lat) in runs.items():
+                    best = results.get(key)
+                    results[key] = (max(tps, best[0]), min(lat, best[1])) if best else (tps, lat)
         finally:
             proc.terminate()
             proc.wait(60)
-        inproc_tps, inproc_lat = in_process(path, args.requests, args.n, args.new_tokens, args.threads)
+        inproc_tps, inproc_lat = results.pop("in-proc")
 
     print(f"policy service, {args.n} samples x {args.new_tokens} new tokens per request, "
           f"{args.threads} torch thread(s), {os.cpu_count()} CPUs")
