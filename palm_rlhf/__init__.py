@@ -14,6 +14,7 @@ _EXPORTS = {
     "PRESETS": "palm_rlhf.config",
     "PaLMConfig": "palm_rlhf.config",
     "Completion": "palm_rlhf.generation",
+    "DecodeSession": "palm_rlhf.generation",
     "GenerationError": "palm_rlhf.generation",
     "SamplingParams": "palm_rlhf.generation",
     "generate_tokens": "palm_rlhf.generation",

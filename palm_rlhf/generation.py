@@ -95,8 +95,16 @@ def _row_seed(seed: int, sample: int, prompt: Sequence[int]) -> int:
     return (seed * 6364136223846793005 + sample * 1442695040888963407 + h + 1) % (2**63)
 
 
+def _row_generator(params: SamplingParams, sample: int, prompt: Sequence[int], device) -> torch.Generator | None:
+    if params.seed is None:
+        return None
+    g = torch.Generator(device=device)
+    g.manual_seed(_row_seed(int(params.seed), sample, prompt))
+    return g
+
+
 class _Sampler:
-    def __init__(self, row_params: list[SamplingParams], row_samples: list[int], row_prompts: list, device):
+    def __init__(self, row_params: list[SamplingParams], generators: list[torch.Generator | None], device):
         b = len(row_params)
         self.temps = torch.tensor([p.temperature for p in row_params], device=device, dtype=torch.float32)
         self.greedy = self.temps == 0
@@ -112,14 +120,7 @@ class _Sampler:
         self.use_topp = bool((self.topp < 1).any())
         self.processors = [p.logits_processor for p in row_params]
         self.use_proc = any(p is not None for p in self.processors)
-        self.generators: list[torch.Generator | None] = []
-        for p, j, prompt in zip(row_params, row_samples, row_prompts):
-            if p.seed is None:
-                self.generators.append(None)
-            else:
-                g = torch.Generator(device=device)
-                g.manual_seed(_row_seed(int(p.seed), j, prompt))
-                self.generators.append(g)
+        self.generators = list(generators)
         self.any_seeded = any(g is not None for g in self.generators)
         self.batch = b
 
@@ -201,6 +202,39 @@ class _Run:
         self.stopped = torch.zeros(b, dtype=torch.bool, device=device)  # finished on a stop token
 
 
+def _prefill(model, prompts: list[list[int]], row_prompt: torch.Tensor, total: int, finetune_scope, disable_lora):
+    """Prefill each unique prompt once, left-padded to the longest, into a cache of ``total``
+    slots; then give every row (``row_prompt[r]``: its prompt) its prompt's cache and logits.
+    Returns (cache, logits (rows, vocab), pad (prompts,): each prompt's left padding)."""
+    device, cfg = model.device, model.config
+    lens = [len(p) for p in prompts]
+    plen, u = max(lens), len(prompts)
+    tokens = torch.zeros(u, plen, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, plen - len(p) :] = torch.tensor(p, device=device)
+    pad = torch.tensor([plen - n for n in lens], device=device)  # (prompts,)
+    positions = (torch.arange(plen, device=device)[None] - pad[:, None]).clamp(min=0)  # (prompts, plen)
+    attn_mask = None
+    if any(n != plen for n in lens):
+        key_valid = torch.arange(plen, device=device)[None] >= pad[:, None]  # (prompts, plen)
+        causal = torch.ones(plen, plen, dtype=torch.bool, device=device).tril()
+        attn_mask = (key_valid[:, None, None, :] & causal) | torch.eye(plen, dtype=torch.bool, device=device)
+    cache = KVCache(cfg.depth, u, total, cfg.dim_head, device, model.dtype)
+    logits = model.forward_cached(
+        tokens,
+        positions,
+        cache.layers(),
+        0,
+        attn_mask=attn_mask,
+        finetune_scope=finetune_scope,
+        disable_lora=disable_lora,
+    )
+    if len(row_prompt) != u or not torch.equal(row_prompt, torch.arange(u, device=device)):
+        cache = cache.select(row_prompt)
+        logits = logits.index_select(0, row_prompt)
+    return cache, logits, pad
+
+
 @torch.inference_mode()
 def _decode(model, prompts, params, finetune_scope, disable_lora, use_tqdm) -> Iterator[tuple]:
     """Core loop. Yields ``(run, step, tok, lp, was_done, hit_stop, hit_len)`` tensors per step
@@ -215,44 +249,19 @@ def _decode(model, prompts, params, finetune_scope, disable_lora, use_tqdm) -> I
     row_prompt = torch.tensor([pi for pi, _ in rows], device=device)
     b = len(rows)
 
-    # prefill each unique prompt once, left-padded to a common length
-    lens = [len(p) for p in prompts]
-    plen = max(lens)
+    plen = max(len(p) for p in prompts)
     max_new = max(sp.max_new_tokens for sp in params)
     total = plen + max_new
-    u = len(prompts)
-    tokens = torch.zeros(u, plen, dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        tokens[i, plen - len(p) :] = torch.tensor(p, device=device)
-    pad = torch.tensor([plen - n for n in lens], device=device)  # (prompts,)
-    positions = (torch.arange(plen, device=device)[None] - pad[:, None]).clamp(min=0)  # (prompts, plen)
-    slots = torch.arange(total, device=device)
-    key_valid = slots[None] >= pad[:, None]  # (prompts, total)
-    attn_mask = None
-    if any(n != plen for n in lens):
-        causal = torch.ones(plen, plen, dtype=torch.bool, device=device).tril()
-        attn_mask = (key_valid[:, None, None, :plen] & causal) | torch.eye(plen, dtype=torch.bool, device=device)
-    cache = KVCache(cfg.depth, u, total, cfg.dim_head, device, model.dtype)
-    logits = model.forward_cached(
-        tokens,
-        positions,
-        cache.layers(),
-        0,
-        attn_mask=attn_mask,
-        finetune_scope=finetune_scope,
-        disable_lora=disable_lora,
-    )
-    if b != u or not torch.equal(row_prompt, torch.arange(u, device=device)):
-        cache = cache.select(row_prompt)
-        logits = logits.index_select(0, row_prompt)
+    cache, logits, pad = _prefill(model, prompts, row_prompt, total, finetune_scope, disable_lora)
     caches = cache.layers()
     row_pad = pad.index_select(0, row_prompt)  # (rows,)
-    row_key_valid = key_valid.index_select(0, row_prompt)[:, None, None, :]  # (rows, 1, 1, total)
+    slots = torch.arange(total, device=device)
+    row_key_valid = (slots[None] >= row_pad[:, None])[:, None, None, :]  # (rows, 1, 1, total)
     padded = bool((row_pad > 0).any())
     # rotary positions of every decode slot for every row: (rows, max_new)
     decode_positions = (plen + torch.arange(max_new, device=device))[None] - row_pad[:, None]
 
-    sampler = _Sampler(row_params, [j for _, j in rows], [prompts[pi] for pi, _ in rows], device)
+    sampler = _Sampler(row_params, [_row_generator(params[pi], j, prompts[pi], device) for pi, j in rows], device)
     has_stops = any(sp.stop_token_ids for sp in row_params)
     stop_width = max(1, max(len(sp.stop_token_ids) for sp in row_params))
     stop_ids = torch.full((b, stop_width), -1, dtype=torch.long, device=device)
@@ -350,3 +359,212 @@ def generate_tokens(
         n = lengths[r]
         grouped[pi].append(Completion(toks[r][:n], lps[r][:n], "stop" if stopped[r] else "length"))
     return grouped
+
+
+# --- continuous batching --------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class SessionRow:
+    """One (prompt, sample) row of a :class:`DecodeSession`. ``tag`` is the caller's."""
+
+    tag: object
+    prompt_index: int  # within its :meth:`DecodeSession.add` call
+    sample_index: int
+    params: SamplingParams = field(repr=False)
+    generator: torch.Generator | None = field(repr=False)
+    produced: int = 0  # tokens sampled so far
+    finish_reason: str | None = None  # "stop", "length" or "removed" once it has left
+
+
+@dataclass
+class RowEvent:
+    """Row ``row`` sampled ``token`` (log-prob ``logprob``); ``finished`` is the finish reason
+    if that token ended it ("stop": a stop id, included in ``token``; "length")."""
+
+    row: SessionRow
+    token: int
+    logprob: float
+    finished: str | None
+
+
+class DecodeSession:
+    """Iteration-level ("continuous") batching over one KV cache: new prompts join the batch
+    between decode steps and finished rows leave it at once, so a server never holds a new
+    request back until the whole running batch is done.
+
+    All rows share one slot clock ``pos``: a joining prompt is left-padded so that its last
+    token sits just before ``pos`` (the slots before it are masked for that row, and its rotary
+    positions start at 0 as if it ran alone), so one decode step still writes every row's new
+    key and value at the same slot. Leading slots that no row uses any more are dropped when
+    rows join; the cache never exceeds ``max_slots`` slots (default: twice the model's
+    ``max_seq_len``), and :meth:`fits` tells whether a prompt can join now.
+
+    Rows draw their noise from their own seeded generators exactly as in :func:`generate_tokens`,
+    so a seeded row samples what it would sample alone, whoever shares the batch.
+
+        session = DecodeSession(model)
+        session.add([prompt_ids], SamplingParams(n=4, max_new_tokens=32), tag="a")
+        while session:
+            for ev in session.step():  # one token for every row
+                ...
+            session.add(...)  # newcomers join here
+    """
+
+    def __init__(self, model, *, finetune_scope: str | None = None, disable_lora: bool = False,
+                 max_slots: int | None = None):
+        self.model = model
+        self.device = model.device
+        self.finetune_scope, self.disable_lora = finetune_scope, disable_lora
+        self.max_slots = max_slots or 2 * model.config.max_seq_len
+        self.rows: list[SessionRow] = []
+        self.pos = 0  # the slot the next decode step writes
+        self._k = self._v = None  # (depth, rows, 1, slots, dim_head)
+        self._pad = torch.zeros(0, dtype=torch.long, device=self.device)  # each row's first slot
+        self._logits: torch.Tensor | None = None  # (rows, vocab): the next token's logits
+        self._membership_changed()
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __bool__(self) -> bool:
+        return bool(self.rows)
+
+    @property
+    def slots(self) -> int:
+        return 0 if self._k is None else self._k.shape[3]
+
+    # -- joining --------------------------------------------------------------------------
+
+    def _remaining(self) -> int:
+        return max((r.params.max_new_tokens - r.produced for r in self.rows), default=0)
+
+    def _lead(self) -> int:
+        return int(self._pad.min()) if self.rows else 0
+
+    def fits(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]) -> bool:
+        """Whether these prompts can join now without the cache outgrowing ``max_slots``."""
+        params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        pos = self.pos - self._lead()
+        new_pos = max(pos, max(len(p) for p in prompts)) if self.rows else max(len(p) for p in prompts)
+        remaining = max(self._remaining(), max(sp.max_new_tokens for sp in params))
+        return new_pos + remaining <= self.max_slots
+
+    @torch.inference_mode()
+    def add(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams] | None = None,
+            tag: object = None) -> list[SessionRow]:
+        """Prefill ``prompts`` and add their ``n`` samples each as new rows (tagged ``tag``);
+        they sample their first token at the next :meth:`step`. Raises
+        :class:`GenerationError` for invalid input or when they do not fit (see :meth:`fits`)."""
+        prompts, params = _normalize(self.model, prompts, params)
+        if not self.fits(prompts, params):
+            raise GenerationError(
+                f"the running batch has no room for these prompts now ({self.max_slots} cache slots)"
+            )
+        specs = [(pi, j) for pi, sp in enumerate(params) for j in range(sp.n)]
+        row_prompt = torch.tensor([pi for pi, _ in specs], device=self.device)
+        plen = max(len(p) for p in prompts)
+        cache, logits, _ = _prefill(self.model, prompts, row_prompt, plen, self.finetune_scope, self.disable_lora)
+        new_rows = [
+            SessionRow(tag, pi, j, params[pi], _row_generator(params[pi], j, prompts[pi], self.device))
+            for pi, j in specs
+        ]
+        new_pad_of_prompt = [plen - len(p) for p in prompts]  # left padding within ``plen``
+
+        old = len(self.rows)
+        lead = self._lead()
+        pos = self.pos - lead
+        new_pos = max(pos, plen) if old else plen
+        shift = new_pos - pos  # existing rows move right by this many slots
+        remaining = max(self._remaining(), max(sp.max_new_tokens for sp in params))
+        slots = new_pos + remaining
+        depth, _, _, _, d = cache.k.shape
+        k = torch.zeros(depth, old + len(new_rows), 1, slots, d, device=self.device, dtype=cache.k.dtype)
+        v = torch.zeros_like(k)
+        if old:
+            k[:, :old, :, shift : shift + pos] = self._k[:, :, :, lead : self.pos]
+            v[:, :old, :, shift : shift + pos] = self._v[:, :, :, lead : self.pos]
+        k[:, old:, :, new_pos - plen : new_pos] = cache.k
+        v[:, old:, :, new_pos - plen : new_pos] = cache.v
+        new_pad = torch.tensor(
+            [new_pos - plen + new_pad_of_prompt[pi] for pi, _ in specs], dtype=torch.long, device=self.device
+        )
+        self._k, self._v, self.pos = k, v, new_pos
+        self._pad = torch.cat((self._pad - lead + shift, new_pad))
+        self._logits = logits if self._logits is None or not old else torch.cat((self._logits, logits))
+        self.rows.extend(new_rows)
+        self._membership_changed()
+        return new_rows
+
+    # -- leaving ----------------------------------------------------------------------------
+
+    def remove(self, rows: Sequence[SessionRow]) -> None:
+        """Drop rows (a cancelled request's) from the batch before they finish."""
+        gone = {id(r) for r in rows}
+        for r in self.rows:
+            if id(r) in gone:
+                r.finish_reason = "removed"
+        self._keep([i for i, r in enumerate(self.rows) if id(r) not in gone])
+
+    def _keep(self, keep: list[int]) -> None:
+        if len(keep) == len(self.rows):
+            return
+        if not keep:
+            self.rows, self._k, self._v, self._logits, self.pos = [], None, None, None, 0
+            self._pad = self._pad[:0]
+            self._membership_changed()
+            return
+        idx = torch.tensor(keep, device=self.device)
+        self.rows = [self.rows[i] for i in keep]
+        self._k, self._v = self._k.index_select(1, idx), self._v.index_select(1, idx)
+        self._pad = self._pad.index_select(0, idx)
+        if self._logits is not None:
+            self._logits = self._logits.index_select(0, idx)
+        self._membership_changed()
+
+    def _membership_changed(self) -> None:
+        self._sampler = _Sampler([r.params for r in self.rows], [r.generator for r in self.rows], self.device)
+        self._stops = [frozenset(int(t) for t in r.params.stop_token_ids) for r in self.rows]
+        self._caches = [] if self._k is None else [(self._k[i], self._v[i]) for i in range(self._k.shape[0])]
+        self._padded = bool((self._pad > 0).any()) if self.rows else False
+        if self._padded:
+            slots = torch.arange(self.slots, device=self.device)
+            self._key_valid = (slots[None] >= self._pad[:, None])[:, None, None, :]  # (rows, 1, 1, slots)
+
+    # -- decoding ---------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[RowEvent]:
+        """Sample one token for every row, retire the rows that finished, and run the decode
+        step that gives the others their next logits. Returns one event per row."""
+        if not self.rows:
+            return []
+        tok, lp = self._sampler(self._logits)
+        toks, lps = tok.tolist(), lp.tolist()
+        events, keep = [], []
+        for i, row in enumerate(self.rows):
+            row.produced += 1
+            t = toks[i]
+            if t in self._stops[i]:
+                row.finish_reason = "stop"
+            elif row.produced >= row.params.max_new_tokens:
+                row.finish_reason = "length"
+            else:
+                keep.append(i)
+            events.append(RowEvent(row, t, lps[i], row.finish_reason))
+        if len(keep) != len(self.rows):
+            tok = tok.index_select(0, torch.tensor(keep, dtype=torch.long, device=self.device)) if keep else tok[:0]
+            self._keep(keep)
+        if self.rows:
+            positions = (self.pos - self._pad)[:, None]
+            self._logits = self.model.forward_cached(
+                tok[:, None],
+                positions if self._padded else positions[:1],
+                self._caches,
+                self.pos,
+                decode_mask=self._key_valid[..., : self.pos + 1] if self._padded else None,
+                finetune_scope=self.finetune_scope,
+                disable_lora=self.disable_lora,
+            )
+            self.pos += 1
+        return events

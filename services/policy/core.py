@@ -1,11 +1,13 @@
 """The policy core: validation, dynamic batching and atomic version swaps, free of gRPC.
 
-Requests are queued; one batcher task takes whatever is queued (after a short window when the
-model was idle, so requests arriving together share a batch) and runs all their prompts in
-ONE ``stream_generate`` call with per-prompt SamplingParams, in a worker thread so the event
-loop stays responsive. Each request belongs to exactly one batch, and a batch captures the
-served model object when it starts: a version swap replaces that object between batches and
-never touches weights in use, so every request runs on one version and reports it.
+Requests are queued. When the model is idle, one batcher task (after an optional window, so
+requests sent together arrive together) starts a batch in a worker thread, so the event loop
+stays responsive. The batch is a :class:`~palm_rlhf.generation.DecodeSession`: between two
+decode steps the worker moves queued requests into it (continuous batching), and rows leave
+it as soon as they finish, so a short request never waits for a long one to end. A batch
+captures the served model object when it starts, and only requests for that object join it:
+a version swap replaces the object for the next batch and never touches weights in use, so
+every request runs on one version and reports it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from palm_rlhf.generation import SamplingParams, stream_generate
+from palm_rlhf.generation import DecodeSession, SamplingParams
 from services.common.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from services.common.metrics import ServiceMetrics
 from services.common.models import LoadedPalm, load_palm_version, version_path
@@ -137,6 +139,7 @@ class _Request:
         self.queue: asyncio.Queue | None = asyncio.Queue() if stream else None
         self.cancelled = threading.Event()
         self.rows: list[_Row] = []
+        self.session_rows: list = []  # the rows' handles in the running DecodeSession
         self.rows_left = 0
         self.finished = False
         self.version = ""
@@ -377,81 +380,86 @@ class PolicyCore:
             if self.limits.batch_window_s > 0:
                 # The model was idle: give requests sent together a moment to arrive together.
                 await asyncio.sleep(self.limits.batch_window_s)
-            batch: list[_Request] = []
-            rows = 0
-            while self._pending:
-                req = self._pending[0]
-                if req.cancelled.is_set():
-                    self._pending.popleft()
-                    continue
-                if batch and rows + req.num_rows > self.limits.max_batch_rows:
-                    break
-                batch.append(self._pending.popleft())
-                rows += req.num_rows
-            self.metrics.queue_depth.labels(self.metrics.service).set(len(self._pending))
-            if not batch:
+            model = self.current  # this batch, and every request that joins it, runs on this object
+            await loop.run_in_executor(self._worker, self._run_batch, model)
+
+    def _admit(self, session: DecodeSession, m: LoadedPalm) -> list[_Request]:
+        """Worker thread: move queued requests into the running batch while they fit (in
+        arrival order), unless the served version changed: those wait for a batch of their own."""
+        taken: list[_Request] = []
+        if self._closed or self.current is not m:
+            return taken
+        while self._pending:
+            req = self._pending[0]
+            if req.cancelled.is_set():
+                self._pending.popleft()
                 continue
-            model = self.current  # this batch runs entirely on this object
-            try:
-                await loop.run_in_executor(self._worker, self._run_batch, model, batch)
-            except Exception as e:
-                log.exception("batch of %d requests failed", len(batch))
-                for req in batch:
-                    if not req.finished:
-                        req.fail(e)
-
-    def _run_batch(self, m: LoadedPalm, batch: list[_Request]) -> None:
-        """Worker thread: decode every prompt of every request of ``batch`` together."""
-        lim = self.limits
-        if lim.batch_threads > 0:
-            import torch
-
-            big = sum(r.num_rows for r in batch) >= lim.batch_threads_min_rows
-            # set every time: a fresh worker thread does not report the process setting
-            torch.set_num_threads(lim.batch_threads if big else max(1, lim.base_threads))
-        tok = m.tokenizer
-        prompts: list[list[int]] = []
-        params: list[SamplingParams] = []
-        rows: list[_Row] = []
-        for req in batch:
+            if len(session) + req.num_rows > self.limits.max_batch_rows or not session.fits(req.prompts, req.sp):
+                break
+            self._pending.popleft()
             req.version = m.version
-            for pi, ids in enumerate(req.prompts):
-                prompts.append(ids)
-                params.append(req.sp)
-                for j in range(req.sp.n):
-                    rows.append(_Row(req, pi, j))
-            req.rows = rows[len(rows) - req.num_rows:]
+            req.rows = [_Row(req, pi, j) for pi in range(len(req.prompts)) for j in range(req.sp.n)]
             req.rows_left = req.num_rows
+            try:
+                req.session_rows = session.add(req.prompts, req.sp, tag=req)
+            except Exception as e:  # its prefill failed: fail this request, not the batch
+                log.exception("prefill of a request failed")
+                req.fail(e)
+                continue
+            for srow, row in zip(req.session_rows, req.rows):
+                srow.tag = row
+            taken.append(req)
+        if taken:
+            svc = self.metrics.service
+            self.metrics.queue_depth.labels(svc).set(len(self._pending))
+            self.metrics.prompt_tokens.labels(svc).inc(sum(len(p) for r in taken for p in r.prompts))
+        return taken
+
+    def _run_batch(self, m: LoadedPalm) -> None:
+        """Worker thread: decode the queued requests together, admitting newcomers between
+        steps (continuous batching) and retiring rows as they finish."""
+        lim = self.limits
+        tok = m.tokenizer
         svc = self.metrics.service
-        self.metrics.batch_size.labels(svc).observe(len(batch))
-        self.metrics.batch_rows.labels(svc).observe(len(rows))
-        self.metrics.prompt_tokens.labels(svc).inc(sum(len(p) for p in prompts))
-        holdback = {id(req): max((len(s) for s in req.params.stop), default=1) - 1 for req in batch}
+        session = DecodeSession(m.model)
+        active: list[_Request] = []
+        threads = None
         generated = 0
-        active = list(batch)
-        gen = stream_generate(m.model, prompts, params)
         try:
-            for step in gen:
-                now = time.monotonic()
-                for req in active:
-                    if req.cancelled.is_set() or (req.deadline is not None and now > req.deadline - DEADLINE_MARGIN_S):
-                        self._cut_short(req, m)
-                for r, token in enumerate(step.tokens):
-                    row = rows[r]
-                    if token is None or row.done:
+            while True:
+                joined = self._admit(session, m)
+                if joined:
+                    active.extend(joined)
+                    self.metrics.batch_size.labels(svc).observe(len(active))
+                    self.metrics.batch_rows.labels(svc).observe(len(session))
+                if not session:
+                    break
+                if lim.batch_threads > 0:
+                    import torch
+
+                    want = lim.batch_threads if len(session) >= lim.batch_threads_min_rows else max(1, lim.base_threads)
+                    if want != threads:  # set on change: a fresh worker thread does not report the process setting
+                        torch.set_num_threads(want)
+                        threads = want
+                leaving = []
+                for ev in session.step():
+                    row: _Row = ev.row.tag
+                    if row.done:
                         continue
-                    finished = step.finished[r]
+                    finished = ev.finished
                     new_ids: list[int] = []
                     new_lps: list[float] = []
                     if finished == "stop":
                         row.reason = "stop"  # the stop id itself is not part of the answer
                     else:
-                        row.ids.append(token)
-                        row.lps.append(step.logprobs[r])
-                        new_ids, new_lps = [token], [step.logprobs[r]]
+                        row.ids.append(ev.token)
+                        row.lps.append(ev.logprob)
+                        new_ids, new_lps = [ev.token], [ev.logprob]
                         generated += 1
                         if row.req.params.stop and self._match_stop(row, tok):
                             finished = "stop"
+                            if ev.finished is None:
+                                leaving.append(ev.row)
                     req = row.req
                     if finished is not None:
                         row.done = True
@@ -459,20 +467,34 @@ class PolicyCore:
                             row.reason = "length"
                         req.rows_left -= 1
                     if req.queue is not None:
-                        self._emit(row, tok, new_ids, new_lps, finished, holdback[id(req)])
+                        self._emit(row, tok, new_ids, new_lps, finished, self._holdback(req))
                     if req.rows_left == 0 and not req.finished:
                         self._complete(req, tok)
+                now = time.monotonic()
+                for req in active:
+                    if not req.finished and (
+                        req.cancelled.is_set() or (req.deadline is not None and now > req.deadline - DEADLINE_MARGIN_S)
+                    ):
+                        self._cut_short(req, m)
+                        leaving.extend(r for r in req.session_rows if r.finish_reason is None)
+                if leaving:
+                    session.remove(leaving)
                 active = [req for req in active if not req.finished]
-                if not active:
-                    break
+        except Exception as e:
+            log.exception("a batch of %d requests failed", len(active))
+            for req in active:
+                if not req.finished:
+                    req.fail(e)
         finally:
-            gen.close()
             self.metrics.tokens_generated.labels(svc).inc(generated)
-        for req in batch:
-            if not req.finished:  # every row hit the step limit together
-                for row in req.rows:
-                    row.done = True
+        for req in active:
+            if not req.finished:  # cannot happen: every row ends with a finish reason
                 self._complete(req, tok)
+
+    @staticmethod
+    def _holdback(req: _Request) -> int:
+        """Characters a stream holds back so that a stop sequence is never half-sent."""
+        return max((len(s) for s in req.params.stop), default=1) - 1
 
     @staticmethod
     def _match_stop(row: _Row, tok) -> bool:

@@ -245,3 +245,52 @@ def test_version_swap_is_atomic_and_reported(policy_proc):
         expected = a_ids if r.policy_version == "v0001" else b_ids
         assert list(r.results[0].candidates[0].token_ids) == expected
     assert back.version == "v0001"
+
+
+def test_a_short_request_joins_a_running_batch_instead_of_waiting_for_it(spawn, policy_data, tiny_model):
+    """Continuous batching: a request sent while a long generation runs is admitted between
+    decode steps and answered while the long one is still streaming. (With batches that run
+    to completion, it would wait for the long one to end.)"""
+    from palm_rlhf.tokenizer import ByteTokenizer
+
+    eos = ByteTokenizer().eos_id
+    # a prompt whose greedy continuation runs the full 240 tokens (no end-of-sequence)
+    long_ids = next(ids for ids in ([1, 2, 3], [7, 7], [40, 41, 42], [100], [200, 3])
+                    if len(generate_tokens(tiny_model, [ids], SamplingParams(max_new_tokens=240, temperature=0,
+                                                                             stop_token_ids=(eos,)))[0][0].token_ids) == 240)
+    proc = spawn("policy", policy_data, "--max-new-tokens", "240", "--max-prompt-tokens", "16",
+                 "--batch-window-ms", "0").wait_ready()
+
+    async def scenario():
+        async with create_channel(proc.addr) as ch:
+            stub = policy_pb2_grpc.PolicyStub(ch)
+            long_req = P.GenerateRequest(prompts=[P.Prompt(token_ids=common_pb2.TokenIds(ids=long_ids))],
+                                         params=P.SamplingParams(n=4, max_new_tokens=240, temperature=0))
+            short = P.GenerateRequest(prompts=[P.Prompt(token_ids=common_pb2.TokenIds(ids=[5, 6, 7, 8, 9]))],
+                                      params=P.SamplingParams(max_new_tokens=3, temperature=0))
+            events: list[str] = []
+            first_chunk = asyncio.Event()
+            long_tokens = [0] * 4
+
+            async def read_long():
+                async for chunk in stub.GenerateStream(long_req, timeout=120):
+                    first_chunk.set()
+                    long_tokens[chunk.sample_index] += len(chunk.token_ids)
+                    if chunk.finish_reason != P.FINISH_REASON_UNSPECIFIED:
+                        events.append("long finished")
+
+            reader = asyncio.ensure_future(read_long())
+            await first_chunk.wait()
+            reply = await stub.Generate(short, timeout=60)
+            events.append("short answered")
+            await reader
+            return reply, events, long_tokens
+
+    try:
+        reply, events, long_tokens = asyncio.run(scenario())
+    finally:
+        proc.terminate()
+    assert list(reply.results[0].candidates[0].token_ids) == generate_tokens(
+        tiny_model, [[5, 6, 7, 8, 9]], SamplingParams(max_new_tokens=3, temperature=0, stop_token_ids=(eos,)))[0][0].token_ids
+    assert long_tokens == [240] * 4 and events.count("long finished") == 4
+    assert events.index("short answered") < events.index("long finished"), events
