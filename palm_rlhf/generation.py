@@ -419,7 +419,8 @@ class DecodeSession:
         self.max_slots = max_slots or 2 * model.config.max_seq_len
         self.rows: list[SessionRow] = []
         self.pos = 0  # the slot the next decode step writes
-        self._k = self._v = None  # (depth, rows, 1, slots, dim_head)
+        # (depth, row capacity, 1, slot capacity, dim_head); rows [0, len(rows)) are live
+        self._k = self._v = None
         self._pad = torch.zeros(0, dtype=torch.long, device=self.device)  # each row's first slot
         self._logits: torch.Tensor | None = None  # (rows, vocab): the next token's logits
         self._membership_changed()
@@ -432,6 +433,7 @@ class DecodeSession:
 
     @property
     def slots(self) -> int:
+        """Slots the KV cache holds now (its capacity, not what the rows use)."""
         return 0 if self._k is None else self._k.shape[3]
 
     # -- joining --------------------------------------------------------------------------
@@ -445,8 +447,8 @@ class DecodeSession:
     def fits(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]) -> bool:
         """Whether these prompts can join now without the cache outgrowing ``max_slots``."""
         params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
-        pos = self.pos - self._lead()
-        new_pos = max(pos, max(len(p) for p in prompts)) if self.rows else max(len(p) for p in prompts)
+        plen = max(len(p) for p in prompts)
+        new_pos = max(self.pos - self._lead(), plen) if self.rows else plen
         remaining = max(self._remaining(), max(sp.max_new_tokens for sp in params))
         return new_pos + remaining <= self.max_slots
 
@@ -469,35 +471,48 @@ class DecodeSession:
             SessionRow(tag, pi, j, params[pi], _row_generator(params[pi], j, prompts[pi], self.device))
             for pi, j in specs
         ]
-        new_pad_of_prompt = [plen - len(p) for p in prompts]  # left padding within ``plen``
-
-        old = len(self.rows)
-        lead = self._lead()
-        pos = self.pos - lead
-        new_pos = max(pos, plen) if old else plen
-        shift = new_pos - pos  # existing rows move right by this many slots
+        old, b = len(self.rows), len(new_rows)
         remaining = max(self._remaining(), max(sp.max_new_tokens for sp in params))
-        slots = new_pos + remaining
-        depth, _, _, _, d = cache.k.shape
-        k = torch.zeros(depth, old + len(new_rows), 1, slots, d, device=self.device, dtype=cache.k.dtype)
-        v = torch.zeros_like(k)
-        if old:
-            k[:, :old, :, shift : shift + pos] = self._k[:, :, :, lead : self.pos]
-            v[:, :old, :, shift : shift + pos] = self._v[:, :, :, lead : self.pos]
-        k[:, old:, :, new_pos - plen : new_pos] = cache.k
-        v[:, old:, :, new_pos - plen : new_pos] = cache.v
-        new_pad = torch.tensor(
-            [new_pos - plen + new_pad_of_prompt[pi] for pi, _ in specs], dtype=torch.long, device=self.device
-        )
+        if (
+            old
+            and plen <= self.pos
+            and self.pos + remaining <= self.slots
+            and old + b <= self._k.shape[1]
+        ):
+            # the common case under load: the new rows slot in where they are, nothing moves
+            new_pos = self.pos
+            k, v = self._k, self._v
+            moved = torch.zeros_like(self._pad)
+        else:
+            # re-lay the cache: drop leading slots no row uses, make room on the left for a
+            # prompt longer than the clock, and leave headroom so later joins slot in
+            lead = self._lead()
+            pos = self.pos - lead
+            new_pos = max(pos, plen) if old else plen
+            shift = new_pos - pos  # existing rows move right by this many slots
+            need = new_pos + remaining
+            slots = min(self.max_slots, 2 * need)
+            rows_cap = max(4, 1 << (old + b - 1).bit_length())
+            depth, _, _, _, d = cache.k.shape
+            k = torch.zeros(depth, rows_cap, 1, slots, d, device=self.device, dtype=cache.k.dtype)
+            v = torch.zeros_like(k)
+            if old:
+                k[:, :old, :, shift : shift + pos] = self._k[:, :old, :, lead : self.pos]
+                v[:, :old, :, shift : shift + pos] = self._v[:, :old, :, lead : self.pos]
+            moved = torch.full_like(self._pad, shift - lead)
+        k[:, old : old + b, :, new_pos - plen : new_pos] = cache.k
+        v[:, old : old + b, :, new_pos - plen : new_pos] = cache.v
+        prompt_pad = torch.tensor([plen - len(prompts[pi]) for pi, _ in specs], dtype=torch.long, device=self.device)
         self._k, self._v, self.pos = k, v, new_pos
-        self._pad = torch.cat((self._pad - lead + shift, new_pad))
-        self._logits = logits if self._logits is None or not old else torch.cat((self._logits, logits))
+        self._pad = torch.cat((self._pad + moved, new_pos - plen + prompt_pad))
+        self._logits = logits if not old else torch.cat((self._logits, logits))
         self.rows.extend(new_rows)
         self._membership_changed()
         return new_rows
 
     # -- leaving ----------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def remove(self, rows: Sequence[SessionRow]) -> None:
         """Drop rows (a cancelled request's) from the batch before they finish."""
         gone = {id(r) for r in rows}
@@ -506,26 +521,40 @@ class DecodeSession:
                 r.finish_reason = "removed"
         self._keep([i for i, r in enumerate(self.rows) if id(r) not in gone])
 
-    def _keep(self, keep: list[int]) -> None:
-        if len(keep) == len(self.rows):
-            return
-        if not keep:
+    def _keep(self, keep: list[int]) -> torch.Tensor | None:
+        """Keep the rows at indices ``keep``: live rows from the end move into the holes (only
+        their cache rows are copied). Returns the new order as old indices (None: unchanged)."""
+        n = len(keep)
+        if n == len(self.rows):
+            return None
+        if not n:
             self.rows, self._k, self._v, self._logits, self.pos = [], None, None, None, 0
             self._pad = self._pad[:0]
             self._membership_changed()
-            return
-        idx = torch.tensor(keep, device=self.device)
-        self.rows = [self.rows[i] for i in keep]
-        self._k, self._v = self._k.index_select(1, idx), self._v.index_select(1, idx)
+            return torch.zeros(0, dtype=torch.long, device=self.device)
+        kept = set(keep)
+        holes = [i for i in range(n) if i not in kept]
+        movers = [i for i in keep if i >= n]
+        order = list(range(n))
+        if holes:
+            for h, m in zip(holes, movers):
+                order[h] = m
+            h, m = torch.tensor(holes, device=self.device), torch.tensor(movers, device=self.device)
+            self._k[:, h] = self._k[:, m]
+            self._v[:, h] = self._v[:, m]
+        idx = torch.tensor(order, device=self.device)
+        self.rows = [self.rows[i] for i in order]
         self._pad = self._pad.index_select(0, idx)
         if self._logits is not None:
             self._logits = self._logits.index_select(0, idx)
         self._membership_changed()
+        return idx
 
     def _membership_changed(self) -> None:
-        self._sampler = _Sampler([r.params for r in self.rows], [r.generator for r in self.rows], self.device)
-        self._stops = [frozenset(int(t) for t in r.params.stop_token_ids) for r in self.rows]
-        self._caches = [] if self._k is None else [(self._k[i], self._v[i]) for i in range(self._k.shape[0])]
+        r = len(self.rows)
+        self._sampler = _Sampler([row.params for row in self.rows], [row.generator for row in self.rows], self.device)
+        self._stops = [frozenset(int(t) for t in row.params.stop_token_ids) for row in self.rows]
+        self._caches = [] if self._k is None else [(self._k[i, :r], self._v[i, :r]) for i in range(self._k.shape[0])]
         self._padded = bool((self._pad > 0).any()) if self.rows else False
         if self._padded:
             slots = torch.arange(self.slots, device=self.device)
@@ -552,9 +581,9 @@ class DecodeSession:
             else:
                 keep.append(i)
             events.append(RowEvent(row, t, lps[i], row.finish_reason))
-        if len(keep) != len(self.rows):
-            tok = tok.index_select(0, torch.tensor(keep, dtype=torch.long, device=self.device)) if keep else tok[:0]
-            self._keep(keep)
+        order = self._keep(keep)
+        if order is not None:
+            tok = tok.index_select(0, order)
         if self.rows:
             positions = (self.pos - self._pad)[:, None]
             self._logits = self.model.forward_cached(

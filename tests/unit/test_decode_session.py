@@ -99,7 +99,8 @@ def test_leading_slots_are_reclaimed_over_a_long_run(model):
         session.step()
         widest = max(widest, session.slots)
     assert len(session) > 0
-    assert widest <= 3 + 6 + 6, f"the cache grew to {widest} slots"
+    # live rows span at most 3 + 6 slots and need 6 more; the cache keeps 2x headroom
+    assert widest <= 2 * (3 + 6 + 6), f"the cache grew to {widest} slots"
 
 
 def test_fits_and_add_refuse_what_the_cache_cannot_hold(model):
