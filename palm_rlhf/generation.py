@@ -241,7 +241,6 @@ def _decode(model, prompts, params, finetune_scope, disable_lora, use_tqdm) -> I
     without host conversions; the caller decides what to materialise."""
     prompts, params = _normalize(model, prompts, params)
     device = model.device
-    cfg = model.config
 
     # rows: every (prompt, sample) pair
     rows = [(pi, j) for pi, sp in enumerate(params) for j in range(sp.n)]

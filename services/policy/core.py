@@ -216,9 +216,12 @@ class PolicyCore:
                 await self._batcher
             except asyncio.CancelledError:
                 pass  # the expected outcome of cancel()
-        for req in self._pending:
+        while self._pending:  # popleft: the worker may be admitting from the same deque
+            try:
+                req = self._pending.popleft()
+            except IndexError:
+                break
             req.fail(Unavailable("the server is shutting down"))
-        self._pending.clear()
         self._worker.shutdown(wait=True, cancel_futures=True)
         self._loader.shutdown(wait=False, cancel_futures=True)
 
