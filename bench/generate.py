@@ -16,6 +16,8 @@ it prints tokens/s and the ratios against the peers. It also measures, in the sa
   machines it is faster still, because the GEMV kernels do not reach the raw read bandwidth.
 * the matmul peak: a large square matmul in the same dtype, for model FLOPs utilisation
   (PaLM appendix B: 2N + 4 L d_attn T FLOPs per generated token at context T).
+* at batch 1, the same generation with weight-only int8 decode steps (``PaLM.quantize_int8``):
+  its step against the float step and against the float floor (``--no-int8`` skips it).
 
 Usage: ``python bench/generate.py [--dtypes float32,bfloat16] [--peers hf,palm-rlhf-pytorch]
 [--repeats 3] [--json out.json]``. Needs the ``bench`` extra for the peers.
@@ -24,6 +26,7 @@ Usage: ``python bench/generate.py [--dtypes float32,bfloat16] [--peers hf,palm-r
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as _dt
 import json
 import platform
@@ -36,7 +39,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from palm_rlhf import PaLM, PaLMConfig, SamplingParams, generate_tokens
+from palm_rlhf import PaLM, PaLMConfig, SamplingParams, cpu_linear, generate_tokens
 
 DIM, DEPTH, HEADS, DIM_HEAD, VOCAB, FF_MULT = 512, 8, 8, 64, 256, 4
 PROMPT, NEW = 64, 128
@@ -146,6 +149,18 @@ def ours_runners(cfg: PaLMConfig, dtype, batch: int):
     }
 
 
+def int8_runners(model, batch: int):
+    """The same generation with weight-only int8 decode steps (``PaLM.quantize_int8``)."""
+    qmodel = copy.deepcopy(model).quantize_int8()
+    prompt = torch.randint(0, VOCAB, (PROMPT,)).tolist()
+    params = SamplingParams(max_new_tokens=NEW, temperature=1.0, n=batch)
+    first = SamplingParams(max_new_tokens=1, n=batch)
+    return {
+        "ours-int8": lambda: generate_tokens(qmodel, [prompt], params),
+        "ours-int8-prefill": lambda: generate_tokens(qmodel, [prompt], first),
+    }
+
+
 def hf_runner(dtype, batch: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -208,6 +223,8 @@ def main(argv=None) -> int:
     ap.add_argument("--peer-repeats", type=int, default=1, help="repeats for palm-rlhf-pytorch (slow: no cache)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--json", type=Path, default=None, help="write results here")
+    ap.add_argument("--no-int8", dest="int8", action="store_false",
+                    help="skip the weight-only int8 rows (PaLM.quantize_int8, batches up to 4)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     peers = [p for p in args.peers.split(",") if p]
@@ -227,6 +244,8 @@ def main(argv=None) -> int:
             model, runners = ours_runners(cfg, dtype, batch)
             floors, nbytes = floor_runners(model, dtype)
             runners.update(floors)
+            if args.int8 and batch <= cpu_linear.INT8_MAX_ROWS and cpu_linear.int8_available():
+                runners.update(int8_runners(model, batch))
             if "hf" in peers:
                 try:
                     runners["hf"] = hf_runner(dtype, batch)
@@ -262,6 +281,13 @@ def main(argv=None) -> int:
                 if not ok:
                     failures.append(f"{dname} step/floor {step / floor:.2f} > {goal}")
             print(line, flush=True)
+            if "ours-int8" in times:
+                q_tok = batch * NEW / times["ours-int8"]
+                q_step = (times["ours-int8"] - times["ours-int8-prefill"]) / (NEW - 1)
+                print(f"    int8 weights       {q_tok:8.1f} tok/s  step {q_step * 1e3:6.2f} ms  "
+                      f"{step / q_step:4.2f}x the {dname} step, {q_step / floor:4.2f} of its floor", flush=True)
+                row.update(int8_tok_s=q_tok, int8_step_ms=q_step * 1e3, int8_speedup=step / q_step,
+                           int8_step_over_floor=q_step / floor)
             theirs_by_peer = {}
             if "hf" in runners:
                 theirs_by_peer["hf"] = ("hf", batch * NEW / times["hf"])

@@ -127,3 +127,60 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         out = torch.ops.mkl._mkl_linear(x2, _packed(weight), weight, None, rows)
         return out.view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight)
+
+
+# --- weight-only int8 -----------------------------------------------------------------------
+
+#: above this many rows the int8 kernel (one pass per row) is slower than the float GEMM
+INT8_MAX_ROWS = 4
+
+
+#: the int8 kernel needs the inner dimension in whole blocks of this many (checked: other
+#: sizes crash it or give wrong sums)
+INT8_BLOCK = 16
+_int8_ok: bool | None = None
+
+
+def int8_available() -> bool:
+    """Whether this build has the int8 kernel and it passes a check against float math."""
+    global _int8_ok
+    if _int8_ok is None:
+        _int8_ok = False
+        if hasattr(torch, "_weight_int8pack_mm"):
+            try:
+                gen = torch.Generator().manual_seed(0)
+                w, x = torch.randn(40, 48, generator=gen), torch.randn(3, 48, generator=gen)
+                wq, scale = quantize_int8(w)
+                want = F.linear(x.bfloat16().float(), wq.float() * scale.float()[:, None])
+                got = int8_linear(x, wq, scale)
+                _int8_ok = bool(torch.allclose(got, want, rtol=2e-2, atol=5e-2))
+            except Exception as e:  # noqa: BLE001 - any failure means: do not use the path
+                log.warning("int8 CPU linear unavailable: %s", e)
+        if not _int8_ok:
+            log.warning("torch._weight_int8pack_mm is missing or failed its check; int8 decoding is off")
+    return _int8_ok
+
+
+@torch.no_grad()
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: ``weight ~= wq * scale[:, None]``. Returns the int8
+    matrix (out, in) and the scales (out,) in bfloat16, the layout ``int8_linear`` takes."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    wq = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8).contiguous()
+    return wq, scale.to(torch.bfloat16)
+
+
+def int8_linear(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, wq * scale[:, None])`` reading one byte per weight: bfloat16 activations
+    times int8 weights (``torch._weight_int8pack_mm``), returned in ``x``'s dtype."""
+    if wq.shape[1] % INT8_BLOCK:
+        raise ValueError(f"int8 weights need an inner dimension divisible by {INT8_BLOCK}, got {wq.shape[1]}")
+    rows = x.numel() // wq.shape[1]
+    xb = x.reshape(rows, wq.shape[1])
+    if xb.dtype != torch.bfloat16:
+        xb = xb.to(torch.bfloat16)
+    out = torch._weight_int8pack_mm(xb, wq, scale)
+    if out.dtype != x.dtype:
+        out = out.to(x.dtype)
+    return out.view(*x.shape[:-1], wq.shape[0])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import fields
 
@@ -257,7 +258,11 @@ class ParallelBlock(nn.Module):
         h, d = self.heads, self.dim_head
         rotation, xscale = rotary
         normed = F.layer_norm(x, x.shape[-1:], self.norm.weight)
-        fused = cpu_linear.linear(normed, self.fused_attn_ff_proj.weight)
+        int8 = self.int8_weights() if b <= cpu_linear.INT8_MAX_ROWS and "_int8_on" in self.__dict__ else None
+        if int8 is not None:
+            fused = cpu_linear.int8_linear(normed, *int8[0])
+        else:
+            fused = cpu_linear.linear(normed, self.fused_attn_ff_proj.weight)
         if lora is not None:
             fused = fused + lora.fused(normed)
         qk, v, ff = fused.split((self.attn_inner + d, d, 2 * self.ff_inner), dim=-1)
@@ -283,6 +288,11 @@ class ParallelBlock(nn.Module):
             )
         out = out.reshape(b, self.attn_inner)
         hidden = dispatch.swiglu(ff)
+        if int8 is not None:
+            y = cpu_linear.int8_linear(torch.cat((out, hidden), dim=-1), *int8[1])
+            if lora is not None:
+                y = y + lora.attn_out(out) + lora.ff_out(hidden)
+            return y.add_(x)
         merged = self.merged_out_weight()
         if merged is not None and lora is None and b == 1 and x.dtype == torch.float32:
             # one row: the residual rides in the GEMV (beta = 1), one op fewer per layer
@@ -294,6 +304,22 @@ class ParallelBlock(nn.Module):
         if lora is not None:
             y = y + lora.attn_out(out) + lora.ff_out(hidden)
         return y.add_(x)
+
+    def int8_weights(self) -> tuple | None:
+        """The int8 copies the decode step reads after :meth:`PaLM.quantize_int8`: ((fused
+        input projection, scales), ([attention out | feed-forward out], scales)), or None when
+        int8 decoding is off. Re-quantized when any of the weights is replaced or updated in
+        place (an optimizer step, ``load_state_dict``, a LoRA merge)."""
+        if not self.__dict__.get("_int8_on"):
+            return None
+        w, a, f = self.fused_attn_ff_proj.weight, self.attn_out.weight, self.ff_out.weight
+        key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in (w, a, f))
+        cached = self.__dict__.get("_int8")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        weights = (cpu_linear.quantize_int8(w), cpu_linear.quantize_int8(torch.cat((a.detach(), f.detach()), dim=1)))
+        self.__dict__["_int8"] = (key, weights)
+        return weights
 
     def merged_out_weight(self) -> torch.Tensor | None:
         """The attention and feed-forward output weights as one (dim, attn_inner + ff_inner)
@@ -404,9 +430,44 @@ class PaLM(nn.Module):
                         lin.weight.data = lin.weight.data.contiguous()
             layer.__dict__.pop("_merged", None)
 
+    def quantize_int8(self, enabled: bool = True) -> PaLM:
+        """Weight-only int8 for decoding on the CPU: each decode step of up to
+        ``cpu_linear.INT8_MAX_ROWS`` (4) rows reads int8 copies of the projection weights
+        (symmetric, one scale per output channel) with bfloat16 activations, a quarter of the
+        float32 bytes. The float weights stay as they are and are still used for the prefill,
+        larger batches, training and checkpoints; the int8 copies (a quarter of the float32
+        size) are made on first use and remade when the weights change. Sampled tokens and
+        their log-probs then come from the quantized model. Returns the model."""
+        if enabled:
+            if self.device.type != "cpu":
+                raise ValueError(f"int8 decoding is a CPU path; this model is on {self.device}")
+            if not cpu_linear.int8_available():
+                raise RuntimeError("this PyTorch build has no working torch._weight_int8pack_mm")
+            block = cpu_linear.INT8_BLOCK
+            cfg = self.config
+            if cfg.dim % block or (cfg.attn_inner + cfg.ff_inner) % block:
+                raise ValueError(
+                    f"int8 decoding needs dim ({cfg.dim}) and attention + feed-forward inner width "
+                    f"({cfg.attn_inner + cfg.ff_inner}) divisible by {block}"
+                )
+        for layer in self.layers:
+            layer.__dict__.pop("_int8", None)
+            if enabled:
+                layer.__dict__["_int8_on"] = True
+            else:
+                layer.__dict__.pop("_int8_on", None)
+        return self
+
+    @property
+    def int8_decoding(self) -> bool:
+        return any(layer.__dict__.get("_int8_on") for layer in self.layers)
+
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
         self.use_fast_layout()
+        if self.int8_decoding and self.device.type != "cpu":
+            warnings.warn("int8 decoding is a CPU path: turned off after moving the model", stacklevel=2)
+            self.quantize_int8(False)
         return out
 
     # -- properties -----------------------------------------------------------------------

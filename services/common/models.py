@@ -106,9 +106,15 @@ class LoadedPalm:
         return self.model.config
 
 
-def load_palm_version(path: Path, version: str, device: str) -> LoadedPalm:
+def load_palm_version(path: Path, version: str, device: str, quantize: str = "none") -> LoadedPalm:
+    """Load one stored PaLM version for inference; ``quantize="int8"``: weight-only int8
+    decode steps (``PaLM.quantize_int8``, CPU only)."""
     model, manifest = load_palm(path, device=device, dtype=model_dtype(device))
     model.eval()
+    if quantize == "int8":
+        model.quantize_int8()
+    elif quantize != "none":
+        raise ValueError(f"unknown quantization {quantize!r}: use none or int8")
     return LoadedPalm(model, load_tokenizer(manifest.get("tokenizer")), manifest, version, Path(path))
 
 

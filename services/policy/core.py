@@ -182,9 +182,10 @@ def _set_future(fut: asyncio.Future, result, exc) -> None:
 class PolicyCore:
     """Serves one policy model version at a time, with dynamic batching."""
 
-    def __init__(self, store, device: str, limits: PolicyLimits, metrics: ServiceMetrics):
+    def __init__(self, store, device: str, limits: PolicyLimits, metrics: ServiceMetrics, quantize: str = "none"):
         self.store = store
         self.device = device
+        self.quantize = quantize
         self.limits = limits
         self.metrics = metrics
         self.current: LoadedPalm | None = None
@@ -203,7 +204,7 @@ class PolicyCore:
         self._wakeup = asyncio.Event()
         self._load_lock = asyncio.Lock()
         loaded = await asyncio.get_running_loop().run_in_executor(
-            self._loader, load_palm_version, path, version, self.device
+            self._loader, load_palm_version, path, version, self.device, self.quantize
         )
         self._swap(loaded)
         self._batcher = asyncio.create_task(self._batch_loop(), name="policy-batcher")
@@ -245,7 +246,7 @@ class PolicyCore:
             if version == previous:
                 return version, previous
             loaded = await asyncio.get_running_loop().run_in_executor(
-                self._loader, load_palm_version, path, version, self.device
+                self._loader, load_palm_version, path, version, self.device, self.quantize
             )
             self._swap(loaded)
             return version, previous

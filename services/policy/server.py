@@ -131,7 +131,7 @@ class PolicyApp:
             batch_threads=args.batch_threads, batch_threads_min_rows=args.batch_threads_min_rows,
             base_threads=args.torch_threads,
         )
-        self.core = PolicyCore(self.store, self.device, limits, self.metrics)
+        self.core = PolicyCore(self.store, self.device, limits, self.metrics, quantize=args.quantize)
         self._tasks: list[asyncio.Task] = []
 
     def add_to_server(self, server: grpc.aio.Server) -> None:

@@ -294,3 +294,27 @@ def test_a_short_request_joins_a_running_batch_instead_of_waiting_for_it(spawn, 
         tiny_model, [[5, 6, 7, 8, 9]], SamplingParams(max_new_tokens=3, temperature=0, stop_token_ids=(eos,)))[0][0].token_ids
     assert long_tokens == [240] * 4 and events.count("long finished") == 4
     assert events.index("short answered") < events.index("long finished"), events
+
+
+def test_int8_policy_decodes_with_the_quantized_weights(spawn, policy_data, tiny_model):
+    import copy
+
+    from palm_rlhf import cpu_linear
+
+    if not cpu_linear.int8_available():
+        pytest.skip("no working torch._weight_int8pack_mm in this PyTorch build")
+    proc = spawn("policy", policy_data, "--quantize", "int8").wait_ready()
+    prompt = [1, 76, 105, 108, 108, 112]
+    sp = SamplingParams(max_new_tokens=12, temperature=0, stop_token_ids=(2,))
+    quantized = generate_tokens(copy.deepcopy(tiny_model).quantize_int8(), [prompt], sp)[0][0]
+    full = generate_tokens(tiny_model, [prompt], sp)[0][0]
+    try:
+        with create_sync_channel(proc.addr) as ch:
+            r = gen(policy_pb2_grpc.PolicyStub(ch), [prompt], temperature=0, max_new_tokens=12, return_logprobs=True)
+    finally:
+        proc.terminate()
+    c = r.results[0].candidates[0]
+    n = len(c.token_ids)
+    assert list(c.token_ids) == [t for t in quantized.token_ids if t != 2]
+    assert list(c.logprobs) == pytest.approx(quantized.logprobs[:n], abs=1e-4)
+    assert list(c.logprobs) != pytest.approx(full.logprobs[:n], abs=1e-6)
