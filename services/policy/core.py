@@ -190,6 +190,7 @@ class PolicyCore:
         self.metrics = metrics
         self.current: LoadedPalm | None = None
         self._pending: deque[_Request] = deque()
+        self._pending_lock = threading.Lock()  # the worker and close() both take from the queue
         self._wakeup: asyncio.Event | None = None
         self._batcher: asyncio.Task | None = None
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="policy-generate")
@@ -217,11 +218,10 @@ class PolicyCore:
                 await self._batcher
             except asyncio.CancelledError:
                 pass  # the expected outcome of cancel()
-        while self._pending:  # popleft: the worker may be admitting from the same deque
-            try:
-                req = self._pending.popleft()
-            except IndexError:
-                break
+        with self._pending_lock:  # the worker may be admitting from the same queue
+            waiting = list(self._pending)
+            self._pending.clear()
+        for req in waiting:
             req.fail(Unavailable("the server is shutting down"))
         self._worker.shutdown(wait=True, cancel_futures=True)
         self._loader.shutdown(wait=False, cancel_futures=True)
@@ -393,14 +393,18 @@ class PolicyCore:
         taken: list[_Request] = []
         if self._closed or self.current is not m:
             return taken
-        while self._pending:
-            req = self._pending[0]
-            if req.cancelled.is_set():
+        while True:
+            with self._pending_lock:
+                if not self._pending:
+                    break
+                req = self._pending[0]
+                if req.cancelled.is_set():
+                    self._pending.popleft()
+                    continue
+                rows_full = len(session) + req.num_rows > self.limits.max_batch_rows
+                if rows_full or not session.fits(req.prompts, req.sp):
+                    break
                 self._pending.popleft()
-                continue
-            if len(session) + req.num_rows > self.limits.max_batch_rows or not session.fits(req.prompts, req.sp):
-                break
-            self._pending.popleft()
             req.version = m.version
             req.rows = [_Row(req, pi, j) for pi in range(len(req.prompts)) for j in range(req.sp.n)]
             req.rows_left = req.num_rows
