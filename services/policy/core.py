@@ -389,10 +389,14 @@ class PolicyCore:
 
     def _admit(self, session: DecodeSession, m: LoadedPalm) -> list[_Request]:
         """Worker thread: move queued requests into the running batch while they fit (in
-        arrival order), unless the served version changed: those wait for a batch of their own."""
+        arrival order; all of them in one prefill), unless the served version changed: those
+        wait for a batch of their own."""
         taken: list[_Request] = []
         if self._closed or self.current is not m:
             return taken
+        prompts: list[list[int]] = []
+        params: list[SamplingParams] = []
+        rows = len(session)
         while True:
             with self._pending_lock:
                 if not self._pending:
@@ -401,26 +405,38 @@ class PolicyCore:
                 if req.cancelled.is_set():
                     self._pending.popleft()
                     continue
-                rows_full = len(session) + req.num_rows > self.limits.max_batch_rows
-                if rows_full or not session.fits(req.prompts, req.sp):
+                if rows + req.num_rows > self.limits.max_batch_rows or not session.fits(
+                    prompts + req.prompts, params + [req.sp] * len(req.prompts)
+                ):
                     break
                 self._pending.popleft()
+            taken.append(req)
+            prompts.extend(req.prompts)
+            params.extend([req.sp] * len(req.prompts))
+            rows += req.num_rows
+        if not taken:
+            return taken
+        for req in taken:
             req.version = m.version
             req.rows = [_Row(req, pi, j) for pi in range(len(req.prompts)) for j in range(req.sp.n)]
             req.rows_left = req.num_rows
-            try:
-                req.session_rows = session.add(req.prompts, req.sp, tag=req)
-            except Exception as e:  # its prefill failed: fail this request, not the batch
-                log.exception("prefill of a request failed")
+        try:
+            srows = session.add(prompts, params)
+        except Exception as e:  # the prefill failed: fail these requests, not the running batch
+            log.exception("prefill of %d requests failed", len(taken))
+            for req in taken:
                 req.fail(e)
-                continue
+            return []
+        # session rows come prompt by prompt, samples within a prompt: the requests' order
+        at = 0
+        for req in taken:
+            req.session_rows = srows[at : at + req.num_rows]
+            at += req.num_rows
             for srow, row in zip(req.session_rows, req.rows):
                 srow.tag = row
-            taken.append(req)
-        if taken:
-            svc = self.metrics.service
-            self.metrics.queue_depth.labels(svc).set(len(self._pending))
-            self.metrics.prompt_tokens.labels(svc).inc(sum(len(p) for r in taken for p in r.prompts))
+        svc = self.metrics.service
+        self.metrics.queue_depth.labels(svc).set(len(self._pending))
+        self.metrics.prompt_tokens.labels(svc).inc(sum(len(p) for p in prompts))
         return taken
 
     def _run_batch(self, m: LoadedPalm) -> None:
