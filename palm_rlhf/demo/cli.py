@@ -50,6 +50,12 @@ def register(subparsers: Any) -> None:
         choices=("cpu", "cuda", "auto"),
         help="device (env PALM_RLHF_DEVICE; default cpu)",
     )
+    chat.add_argument(
+        "--int8",
+        action="store_true",
+        help="weight-only int8 decode steps on the CPU (PaLM.quantize_int8): about twice as fast, "
+        "answers from the quantized weights",
+    )
     chat.set_defaults(func=run_chat)
 
     build = subparsers.add_parser(
@@ -208,6 +214,8 @@ def run_chat(args: argparse.Namespace) -> int:
     device = _pick_device(args.device)
     try:
         model, tokenizer, manifest = load_chat_model(args.checkpoint, device)
+        if args.int8:
+            model.quantize_int8()
         session = ChatSession(
             model,
             tokenizer,
@@ -218,7 +226,7 @@ def run_chat(args: argparse.Namespace) -> int:
             seed=args.seed,
             history_turns=args.history_turns,
         )
-    except (CheckpointError, FileNotFoundError, GenerationError) as e:
+    except (CheckpointError, FileNotFoundError, GenerationError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -153,3 +153,27 @@ def test_build_writes_a_verified_checkpoint_with_its_recipe(tmp_path):
     build_demo_checkpoint(out, cfg, progress=False, force=True)
     assert verify_checkpoint(out)["created_at"] > created
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo-test"]
+
+
+def test_chat_command_int8_chats_with_a_quantized_model(tiny_checkpoint, python, cli_env, monkeypatch, capsys):
+    from palm_rlhf import cpu_linear
+    from palm_rlhf.cli import main
+    from palm_rlhf.demo import cli as demo_cli
+
+    if not cpu_linear.int8_available():
+        pytest.skip("no working torch._weight_int8pack_mm in this PyTorch build")
+    seen = []
+
+    class Recording(demo_cli.ChatSession):
+        def __init__(self, model, *a, **kw):
+            seen.append(model.int8_decoding)
+            super().__init__(model, *a, **kw)
+
+    monkeypatch.setattr(demo_cli, "ChatSession", Recording)
+    argv = ["chat", "--checkpoint", str(tiny_checkpoint), "--once", "Hello there", "--max-new-tokens", "4"]
+    assert main([*argv, "--int8"]) == 0 and main(argv) == 0
+    assert seen == [True, False]
+    # and the real command runs end to end
+    proc = subprocess.run([python, "-m", "palm_rlhf.cli", *argv, "--int8"], check=False, capture_output=True,
+                          text=True, timeout=120, env=cli_env)
+    assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr
