@@ -187,3 +187,33 @@ def test_an_idle_keep_alive_connection_outlives_the_clients_idle_expiry(stack):
         assert ask(sock) == b"HTTP/1.1 200 OK"
         time.sleep(6.0)
         assert ask(sock) == b"HTTP/1.1 200 OK"
+
+
+def test_accepted_connections_have_nagle_off():
+    """uvicorn writes headers and body in two sends; with Nagle's algorithm on, the body waits
+    for the client's delayed ACK (about 40 ms per response). The gateway's listening socket must
+    give asyncio's accepted transports TCP_NODELAY, as uvicorn serves it (create_server(sock=))."""
+    import asyncio
+    import socket
+
+    from services.gateway.app import listening_socket
+
+    async def accepted_nodelay() -> int:
+        loop = asyncio.get_running_loop()
+        seen: asyncio.Future = loop.create_future()
+
+        class Probe(asyncio.Protocol):
+            def connection_made(self, transport):
+                sock = transport.get_extra_info("socket")
+                seen.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                transport.close()
+
+        sock = listening_socket("127.0.0.1", 0)
+        server = await loop.create_server(Probe, sock=sock)
+        try:
+            with socket.create_connection(sock.getsockname()[:2]):
+                return await asyncio.wait_for(seen, 5)
+        finally:
+            server.close()
+
+    assert asyncio.run(accepted_nodelay()) != 0
