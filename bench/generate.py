@@ -134,31 +134,29 @@ def flops_per_token(cfg: PaLMConfig, ctx: float) -> float:
     return 2 * cfg.num_params() + 4 * cfg.depth * cfg.attn_inner * ctx
 
 
-def ours_runners(cfg: PaLMConfig, dtype, batch: int):
-    """The model and two callables: the whole generation, and the prefill alone (one new
-    token); their difference over ``NEW - 1`` is the decode step."""
-    torch.manual_seed(0)
-    model = PaLM(cfg).eval().to(dtype)
+def generation_runners(model, batch: int, name: str) -> dict:
+    """Two callables: the whole generation, and the prefill alone (one new token); their
+    difference over ``NEW - 1`` is the decode step."""
     prompt = torch.randint(0, VOCAB, (PROMPT,)).tolist()
     params = SamplingParams(max_new_tokens=NEW, temperature=1.0, n=batch)
     first = SamplingParams(max_new_tokens=1, n=batch)
     # no stop tokens: every row produces exactly NEW tokens
-    return model, {
-        "ours": lambda: generate_tokens(model, [prompt], params),
-        "ours-prefill": lambda: generate_tokens(model, [prompt], first),
+    return {
+        name: lambda: generate_tokens(model, [prompt], params),
+        f"{name}-prefill": lambda: generate_tokens(model, [prompt], first),
     }
+
+
+def ours_runners(cfg: PaLMConfig, dtype, batch: int):
+    """The model and its generation runners (see :func:`generation_runners`)."""
+    torch.manual_seed(0)
+    model = PaLM(cfg).eval().to(dtype)
+    return model, generation_runners(model, batch, "ours")
 
 
 def int8_runners(model, batch: int):
     """The same generation with weight-only int8 decode steps (``PaLM.quantize_int8``)."""
-    qmodel = copy.deepcopy(model).quantize_int8()
-    prompt = torch.randint(0, VOCAB, (PROMPT,)).tolist()
-    params = SamplingParams(max_new_tokens=NEW, temperature=1.0, n=batch)
-    first = SamplingParams(max_new_tokens=1, n=batch)
-    return {
-        "ours-int8": lambda: generate_tokens(qmodel, [prompt], params),
-        "ours-int8-prefill": lambda: generate_tokens(qmodel, [prompt], first),
-    }
+    return generation_runners(copy.deepcopy(model).quantize_int8(), batch, "ours-int8")
 
 
 def hf_runner(dtype, batch: int):

@@ -465,7 +465,7 @@ class DecodeSession:
         specs = [(pi, j) for pi, sp in enumerate(params) for j in range(sp.n)]
         row_prompt = torch.tensor([pi for pi, _ in specs], device=self.device)
         plen = max(len(p) for p in prompts)
-        cache, logits, _ = _prefill(self.model, prompts, row_prompt, plen, self.finetune_scope, self.disable_lora)
+        cache, logits, pad = _prefill(self.model, prompts, row_prompt, plen, self.finetune_scope, self.disable_lora)
         new_rows = [
             SessionRow(tag, pi, j, params[pi], _row_generator(params[pi], j, prompts[pi], self.device))
             for pi, j in specs
@@ -479,9 +479,8 @@ class DecodeSession:
             and old + b <= self._k.shape[1]
         ):
             # the common case under load: the new rows slot in where they are, nothing moves
-            new_pos = self.pos
+            new_pos, offset = self.pos, 0
             k, v = self._k, self._v
-            moved = torch.zeros_like(self._pad)
         else:
             # re-lay the cache: drop leading slots no row uses, make room on the left for a
             # prompt longer than the clock, and leave headroom so later joins slot in
@@ -498,12 +497,11 @@ class DecodeSession:
             if old:
                 k[:, :old, :, shift : shift + pos] = self._k[:, :old, :, lead : self.pos]
                 v[:, :old, :, shift : shift + pos] = self._v[:, :old, :, lead : self.pos]
-            moved = torch.full_like(self._pad, shift - lead)
+            offset = shift - lead  # every existing row's slots move by this much
         k[:, old : old + b, :, new_pos - plen : new_pos] = cache.k
         v[:, old : old + b, :, new_pos - plen : new_pos] = cache.v
-        prompt_pad = torch.tensor([plen - len(prompts[pi]) for pi, _ in specs], dtype=torch.long, device=self.device)
         self._k, self._v, self.pos = k, v, new_pos
-        self._pad = torch.cat((self._pad + moved, new_pos - plen + prompt_pad))
+        self._pad = torch.cat((self._pad + offset, new_pos - plen + pad.index_select(0, row_prompt)))
         self._logits = logits if not old else torch.cat((self._logits, logits))
         self.rows.extend(new_rows)
         self._membership_changed()

@@ -239,7 +239,6 @@ class ParallelBlock(nn.Module):
             ffo = ffo + lora.ff_out(hidden)
         return x + attn + ffo
 
-
     def decode_one(
         self,
         x: torch.Tensor,
@@ -258,7 +257,7 @@ class ParallelBlock(nn.Module):
         h, d = self.heads, self.dim_head
         rotation, xscale = rotary
         normed = F.layer_norm(x, x.shape[-1:], self.norm.weight)
-        int8 = self.int8_weights() if b <= cpu_linear.INT8_MAX_ROWS and "_int8_on" in self.__dict__ else None
+        int8 = self.int8_weights() if b <= cpu_linear.INT8_MAX_ROWS else None
         if int8 is not None:
             fused = cpu_linear.int8_linear(normed, *int8[0])
         else:
@@ -288,16 +287,13 @@ class ParallelBlock(nn.Module):
             )
         out = out.reshape(b, self.attn_inner)
         hidden = dispatch.swiglu(ff)
+        merged = None if int8 is not None else self.merged_out_weight()
         if int8 is not None:
             y = cpu_linear.int8_linear(torch.cat((out, hidden), dim=-1), *int8[1])
-            if lora is not None:
-                y = y + lora.attn_out(out) + lora.ff_out(hidden)
-            return y.add_(x)
-        merged = self.merged_out_weight()
-        if merged is not None and lora is None and b == 1 and x.dtype == torch.float32:
+        elif merged is not None and lora is None and b == 1 and x.dtype == torch.float32:
             # one row: the residual rides in the GEMV (beta = 1), one op fewer per layer
             return torch.addmm(x, torch.cat((out, hidden), dim=-1), merged.t())
-        if merged is not None:
+        elif merged is not None:
             y = cpu_linear.linear(torch.cat((out, hidden), dim=-1), merged)
         else:
             y = cpu_linear.linear(out, self.attn_out.weight) + cpu_linear.linear(hidden, self.ff_out.weight)

@@ -140,6 +140,8 @@ class _Request:
         self.cancelled = threading.Event()
         self.rows: list[_Row] = []
         self.session_rows: list = []  # the rows' handles in the running DecodeSession
+        # characters a stream holds back so that a stop sequence is never half-sent
+        self.holdback = max((len(s) for s in params.stop), default=1) - 1
         self.rows_left = 0
         self.finished = False
         self.version = ""
@@ -491,7 +493,7 @@ class PolicyCore:
                             row.reason = "length"
                         req.rows_left -= 1
                     if req.queue is not None:
-                        self._emit(row, tok, new_ids, new_lps, finished, self._holdback(req))
+                        self._emit(row, tok, new_ids, new_lps, finished, req.holdback)
                     if req.rows_left == 0 and not req.finished:
                         self._complete(req, tok)
                 now = time.monotonic()
@@ -514,11 +516,6 @@ class PolicyCore:
         for req in active:
             if not req.finished:  # cannot happen: every row ends with a finish reason
                 self._complete(req, tok)
-
-    @staticmethod
-    def _holdback(req: _Request) -> int:
-        """Characters a stream holds back so that a stop sequence is never half-sent."""
-        return max((len(s) for s in req.params.stop), default=1) - 1
 
     @staticmethod
     def _match_stop(row: _Row, tok) -> bool:
