@@ -11,7 +11,8 @@ it prints tokens/s and the ratios against the peers. It also measures, in the sa
 
 * the weight-streaming floor: one batch-1 matrix-vector product over every weight matrix of
   the model (each weight read once from memory), each matrix in whichever memory layout and
-  GEMV entry point (``F.linear`` or ``torch.mv``) is fastest for its shape. A batch-1 decode step built on these GEMVs cannot do much
+  GEMV entry point (``F.linear``, ``torch.mv`` or oneDNN on a reordered weight, the path
+  :mod:`palm_rlhf.cpu_linear` takes) is fastest for its shape. A batch-1 decode step built on these GEMVs cannot do much
   better. A plain read of the same bytes (a sum) is printed beside it for reference: on some
   machines it is faster still, because the GEMV kernels do not reach the raw read bandwidth.
 * the matmul peak: a large square matmul in the same dtype, for model FLOPs utilisation
@@ -88,8 +89,9 @@ def interleaved_min(fns: dict, rounds: int, warmup: int = 1) -> dict:
 def floor_runners(model: torch.nn.Module, dtype: torch.dtype) -> tuple[dict, int]:
     """The weight-streaming floor as callables: per weight shape (a layer's projections
     repeat), one batch-1 GEMV over every matrix of that shape through ``F.linear`` in the
-    output-major and in the input-major layout, and through ``torch.mv`` (output-major, which
-    is faster in bfloat16 on some CPUs); the floor is the sum over shapes of the fastest.
+    output-major and in the input-major layout, through ``torch.mv`` (output-major, which
+    is faster in bfloat16 on some CPUs) and through oneDNN on a reordered weight (where
+    available); the floor is the sum over shapes of the fastest.
     Also a plain read (a sum) of every weight, for reference. Returns them and the bytes."""
     weights = [p.detach() for p in model.parameters() if p.ndim == 2]
     xs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=dtype) for w in weights}
@@ -109,11 +111,22 @@ def floor_runners(model: torch.nn.Module, dtype: torch.dtype) -> tuple[dict, int
 
         return once
 
+    def onednn(ws):
+        packed = [cpu_linear._pack(w) for w in ws]
+
+        def once():
+            for w, p in zip(ws, packed):
+                cpu_linear._apply(xs[w.shape[1]], p)
+
+        return once
+
     for shape in sorted({tuple(w.shape) for w in weights}):
         same = [w for w in weights if tuple(w.shape) == shape]
         runners[f"floor-om{shape}"] = gemv([w.contiguous() for w in same])
         runners[f"floor-im{shape}"] = gemv([w.t().contiguous().t() for w in same])
         runners[f"floor-mv{shape}"] = mv([w.contiguous() for w in same])
+        if cpu_linear.enabled():
+            runners[f"floor-dnn{shape}"] = onednn([w.contiguous() for w in same])
     flat = [w.contiguous() for w in weights]
     runners["raw-read"] = lambda: [w.sum() for w in flat]
     return runners, sum(w.numel() * w.element_size() for w in weights)
@@ -121,7 +134,8 @@ def floor_runners(model: torch.nn.Module, dtype: torch.dtype) -> tuple[dict, int
 
 def floor_from(times: dict) -> float:
     shapes = {k[len("floor-om") :] for k in times if k.startswith("floor-om")}
-    return sum(min(times[f"floor-{kind}{s}"] for kind in ("om", "im", "mv")) for s in shapes)
+    kinds = ("om", "im", "mv", "dnn")
+    return sum(min(times[k] for k in (f"floor-{kind}{s}" for kind in kinds) if k in times) for s in shapes)
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 1024) -> float:

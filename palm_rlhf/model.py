@@ -290,9 +290,9 @@ class ParallelBlock(nn.Module):
         merged = None if int8 is not None else self.merged_out_weight()
         if int8 is not None:
             y = cpu_linear.int8_linear(torch.cat((out, hidden), dim=-1), *int8[1])
-        elif merged is not None and lora is None and b == 1 and x.dtype == torch.float32:
-            # one row: the residual rides in the GEMV (beta = 1), one op fewer per layer
-            return torch.addmm(x, torch.cat((out, hidden), dim=-1), merged.t())
+        elif merged is not None and lora is None:
+            # the residual rides in the matmul: one op fewer per layer
+            return cpu_linear.linear_add(torch.cat((out, hidden), dim=-1), merged, x)
         elif merged is not None:
             y = cpu_linear.linear(torch.cat((out, hidden), dim=-1), merged)
         else:
@@ -622,7 +622,7 @@ class PaLM(nn.Module):
         embeds = self.norm(h)
         if return_only_embedding:
             return embeds
-        logits = embeds @ self.token_emb.weight.t()
+        logits = cpu_linear.linear(embeds, self.token_emb.weight)
         if return_logits_with_embedding:
             return logits, embeds
         if not return_loss:
@@ -668,7 +668,7 @@ class PaLM(nn.Module):
             rotary = (self.rotary.rotation(cos[:, 0], sin[:, 0]), None if xscale is None else xscale[:, 0, None])
             for layer, lora, cache in zip(self.layers, loras, caches):
                 h = layer.decode_one(h, rotary, cache, cache_pos, lora=lora, decode_mask=decode_mask)
-            logits = self.norm(h) @ self.token_emb.weight.t()
+            logits = cpu_linear.linear(self.norm(h), self.token_emb.weight)
             return logits if last_only else logits[:, None]
         h = self.token_emb(x)
         rotary = self.rotary.lookup(positions, h.dtype, max_position=cache_pos + x.shape[1] - 1)
@@ -678,7 +678,7 @@ class PaLM(nn.Module):
             )
         if last_only:
             h = h[:, -1]
-        return self.norm(h) @ self.token_emb.weight.t()
+        return cpu_linear.linear(self.norm(h), self.token_emb.weight)
 
     # -- generation ---------------------------------------------------------------------------
 

@@ -1,5 +1,5 @@
-"""The CPU decode fast paths: MKL-packed weights for a few rows, the shared buffer of the two
-output projections, and the one-token decode step. Each must give the plain computation's
+"""The CPU fast paths: oneDNN-reordered weights for inference matmuls, the shared buffer of the
+two output projections, and the one-token decode step. Each must give the plain computation's
 answer, and follow the weights when they change."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from palm_rlhf import PaLM, cpu_linear
 from palm_rlhf.generation import KVCache
 
-needs_packing = pytest.mark.skipif(not cpu_linear.enabled(), reason="MKL weight packing is not available here")
+needs_packing = pytest.mark.skipif(not cpu_linear.enabled(), reason="oneDNN weight reordering is not available here")
 
 
 def tiny(**kw) -> PaLM:
@@ -24,14 +24,43 @@ def tiny(**kw) -> PaLM:
 
 
 @needs_packing
-@pytest.mark.parametrize("rows", [1, 2, 5, 16, 32, 33])
-def test_packed_linear_equals_f_linear(rows):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["output-major", "input-major"])
+@pytest.mark.parametrize("rows", [1, 2, 5, 16, 33, 300])
+def test_packed_linear_equals_f_linear(rows, layout, dtype):
     torch.manual_seed(rows)
-    w = torch.randn(70, 40).t().contiguous().t()  # the input-major layout of the fused projection
-    x = torch.randn(rows, 40)
+    w = torch.randn(70, 48)
+    if layout == "input-major":  # the layout of the fused projection in float32
+        w = w.t().contiguous().t()
+    w, x = w.to(dtype), torch.randn(2, rows, 48).to(dtype)
     with torch.no_grad():
         got = cpu_linear.linear(x, w)
-    torch.testing.assert_close(got, F.linear(x, w), rtol=1e-5, atol=1e-5)
+    assert got.shape == (2, rows, 70) and got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), F.linear(x.float(), w.float()), rtol=tol, atol=tol * 5)
+    assert id(w) in cpu_linear._packs  # it did take the reordered path
+
+
+@needs_packing
+@pytest.mark.parametrize("rows", [1, 4])
+def test_linear_add_equals_residual_plus_linear_and_leaves_the_residual_alone(rows):
+    torch.manual_seed(0)
+    w, x, r = torch.randn(40, 24), torch.randn(rows, 24), torch.randn(rows, 40)
+    keep = r.clone()
+    with torch.no_grad():
+        got = cpu_linear.linear_add(x, w, r)
+    torch.testing.assert_close(got, keep + F.linear(x, w), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(r, keep, rtol=0, atol=0)
+
+
+def test_a_failing_self_check_turns_the_reordered_path_off(monkeypatch):
+    monkeypatch.setattr(cpu_linear, "_apply", lambda x2, packed: torch.zeros(x2.shape[0], packed.shape[0]))
+    monkeypatch.setattr(cpu_linear, "_enabled", None)
+    monkeypatch.delenv("PALM_RLHF_CPU_PACKED", raising=False)
+    assert not cpu_linear.enabled()
+    w, x = torch.randn(30, 20), torch.randn(3, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(cpu_linear.linear(x, w), F.linear(x, w))  # F.linear, not the broken path
 
 
 @needs_packing
@@ -124,11 +153,17 @@ def test_one_token_decode_with_lora_equals_the_full_forward():
     assert not torch.allclose(full, plain, atol=1e-3)  # the adapter does change the answer
 
 
-def test_one_bfloat16_row_goes_through_mv_with_the_same_answer():
-    torch.manual_seed(0)
-    w = torch.randn(96, 64, dtype=torch.bfloat16)
-    x = torch.randn(1, 1, 64, dtype=torch.bfloat16)
-    got = cpu_linear.linear(x, w)
-    assert got.shape == (1, 1, 96) and got.dtype == torch.bfloat16
-    expected = F.linear(x.float(), w.float())
-    torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=5e-2)
+@needs_packing
+def test_a_decode_step_reads_the_reordered_weights():
+    """One new token goes through the reordered copies of every projection, including the
+    tied output embedding, and gives the general cached layer's answer."""
+    model = tiny()
+    cpu_linear.clear()
+    cache = KVCache(model.config.depth, 1, 8, model.config.dim_head, torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        model.forward_cached(torch.randint(0, 64, (1, 5)), torch.arange(5)[None], cache.layers(), 0)
+        model.forward_cached(torch.randint(0, 64, (1, 1)), torch.full((1, 1), 5), cache.layers(), 5)
+    packed = set(cpu_linear._packs)
+    assert id(model.token_emb.weight) in packed
+    for layer in model.layers:
+        assert id(layer.fused_attn_ff_proj.weight) in packed and id(layer.merged_out_weight()) in packed
