@@ -10,11 +10,11 @@ For each dtype (float32, bfloat16) and batch shape (one sample; eight samples of
 it prints tokens/s and the ratios against the peers. It also measures, in the same run:
 
 * the weight-streaming floor: one batch-1 matrix-vector product over every weight matrix of
-  the model (each weight read once from memory), each matrix in whichever memory layout and
-  GEMV entry point (``F.linear``, ``torch.mv`` or oneDNN on a reordered weight, the path
-  :mod:`palm_rlhf.cpu_linear` takes) is fastest for its shape. A batch-1 decode step built on these GEMVs cannot do much
-  better. A plain read of the same bytes (a sum) is printed beside it for reference: on some
-  machines it is faster still, because the GEMV kernels do not reach the raw read bandwidth.
+  the model in the order a decode step reads them (each weight read once from memory), each
+  shape through whichever GEMV entry point (``F.linear`` in either layout, ``torch.mv``, or
+  oneDNN on a reordered weight, the path :mod:`palm_rlhf.cpu_linear` takes) is fastest for
+  it, run back to back like the decode steps. A batch-1 decode step built on GEMVs cannot
+  beat it. A plain read of the same bytes (a sum) is printed beside it for reference.
 * the matmul peak: a large square matmul in the same dtype, for model FLOPs utilisation
   (PaLM appendix B: 2N + 4 L d_attn T FLOPs per generated token at context T).
 * at batch 1, the same generation with weight-only int8 decode steps (``PaLM.quantize_int8``):
@@ -86,56 +86,70 @@ def interleaved_min(fns: dict, rounds: int, warmup: int = 1) -> dict:
     return best
 
 
-def floor_runners(model: torch.nn.Module, dtype: torch.dtype) -> tuple[dict, int]:
-    """The weight-streaming floor as callables: per weight shape (a layer's projections
-    repeat), one batch-1 GEMV over every matrix of that shape through ``F.linear`` in the
-    output-major and in the input-major layout, through ``torch.mv`` (output-major, which
-    is faster in bfloat16 on some CPUs) and through oneDNN on a reordered weight (where
-    available); the floor is the sum over shapes of the fastest.
-    Also a plain read (a sum) of every weight, for reference. Returns them and the bytes."""
-    weights = [p.detach() for p in model.parameters() if p.ndim == 2]
-    xs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=dtype) for w in weights}
-    runners = {}
-
-    def gemv(ws):
-        def once():
-            for w in ws:
-                F.linear(xs[w.shape[1]], w)
-
-        return once
-
-    def mv(ws):
-        def once():
-            for w in ws:
-                torch.mv(w, xs[w.shape[1]][0])
-
-        return once
-
-    def onednn(ws):
-        packed = [cpu_linear._pack(w) for w in ws]
-
-        def once():
-            for w, p in zip(ws, packed):
-                cpu_linear._apply(xs[w.shape[1]], p)
-
-        return once
-
-    for shape in sorted({tuple(w.shape) for w in weights}):
-        same = [w for w in weights if tuple(w.shape) == shape]
-        runners[f"floor-om{shape}"] = gemv([w.contiguous() for w in same])
-        runners[f"floor-im{shape}"] = gemv([w.t().contiguous().t() for w in same])
-        runners[f"floor-mv{shape}"] = mv([w.contiguous() for w in same])
-        if cpu_linear.enabled():
-            runners[f"floor-dnn{shape}"] = onednn([w.contiguous() for w in same])
-    flat = [w.contiguous() for w in weights]
-    runners["raw-read"] = lambda: [w.sum() for w in flat]
-    return runners, sum(w.numel() * w.element_size() for w in weights)
+#: passes over the weights per floor measurement: like the decode steps it is compared with,
+#: the floor then runs back to back, so both see the same cache warmth
+FLOOR_PASSES = 16
 
 
-def floor_from(times: dict) -> float:
-    shapes = {k[len("floor-om") :] for k in times if k.startswith("floor-om")}
-    kinds = ("om", "im", "mv", "dnn")
-    return sum(min(times[k] for k in (f"floor-{kind}{s}" for kind in kinds) if k in times) for s in shapes)
+def _decode_weights(model) -> list[torch.Tensor]:
+    """Every weight matrix in the order a decode step reads it: per layer the fused input
+    projection and the output projections side by side (one matrix, as the decode reads
+    them), then the tied output embedding."""
+    order = []
+    for layer in model.layers:
+        order.append(layer.fused_attn_ff_proj.weight.detach())
+        order.append(torch.cat((layer.attn_out.weight, layer.ff_out.weight), dim=1).detach())
+    order.append(model.token_emb.weight.detach())
+    return order
+
+
+def _gemv_kinds(dtype: torch.dtype) -> dict:
+    """GEMV entry points, each as (prepare weight, apply to a (1, in) row)."""
+    kinds = {
+        "F.linear, output-major": (lambda w: w.contiguous(), lambda x, w: F.linear(x, w)),
+        "F.linear, input-major": (lambda w: w.t().contiguous().t(), lambda x, w: F.linear(x, w)),
+        "torch.mv": (lambda w: w.contiguous(), lambda x, w: torch.mv(w, x[0])),
+    }
+    if cpu_linear.enabled():
+        kinds["oneDNN, reordered"] = (lambda w: cpu_linear._pack(w.contiguous()), cpu_linear._apply)
+    return kinds
+
+
+def floor_runners(model: torch.nn.Module, dtype: torch.dtype, passes: int = FLOOR_PASSES) -> tuple[dict, int, dict]:
+    """The weight-streaming floor as callables. ``floor``: one batch-1 GEMV over every weight
+    matrix in the decode's order (see :func:`_decode_weights`), each shape through whichever
+    GEMV entry point (``F.linear`` in either layout, ``torch.mv``, oneDNN on a reordered
+    weight) a quick pre-pass found fastest for it, ``passes`` times back to back. ``raw-read``:
+    a plain read (a sum) of the same weights the same number of times, for reference: the
+    bandwidth no GEMV can beat. Returns the runners, the bytes per pass and the chosen kind
+    per shape."""
+    order = _decode_weights(model)
+    kinds = _gemv_kinds(dtype)
+    xs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=dtype) for w in order}
+    chosen = {}
+    for shape in sorted({tuple(w.shape) for w in order}):
+        same = [w for w in order if tuple(w.shape) == shape]
+        times = {}
+        for name, (prep, apply) in kinds.items():
+            ready = [prep(w) for w in same]
+            x = xs[shape[1]]
+            times[name] = best_time(lambda ready=ready, apply=apply, x=x: [apply(x, w) for w in ready], 5)
+        chosen[shape] = min(times, key=times.get)
+    plan = [(kinds[chosen[tuple(w.shape)]][1], kinds[chosen[tuple(w.shape)]][0](w), xs[w.shape[1]]) for w in order]
+    flat = [w.contiguous() for w in order]
+
+    def floor():
+        for _ in range(passes):
+            for apply, w, x in plan:
+                apply(x, w)
+
+    def raw_read():
+        for _ in range(passes):
+            for w in flat:
+                w.sum()
+
+    runners = {"floor": floor, "raw-read": raw_read}
+    return runners, sum(w.numel() * w.element_size() for w in order), chosen
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 1024) -> float:
@@ -254,7 +268,7 @@ def main(argv=None) -> int:
         peak = matmul_peak(dtype)
         for batch in [int(b) for b in args.batches.split(",")]:
             model, runners = ours_runners(cfg, dtype, batch)
-            floors, nbytes = floor_runners(model, dtype)
+            floors, nbytes, chosen = floor_runners(model, dtype)
             runners.update(floors)
             if args.int8 and batch <= cpu_linear.INT8_MAX_ROWS and cpu_linear.int8_available():
                 runners.update(int8_runners(model, batch))
@@ -266,7 +280,7 @@ def main(argv=None) -> int:
             times = interleaved_min(runners, args.repeats)
             ours = batch * NEW / times["ours"]
             step = (times["ours"] - times["ours-prefill"]) / (NEW - 1)
-            floor, raw_read = floor_from(times), times["raw-read"]
+            floor, raw_read = times["floor"] / FLOOR_PASSES, times["raw-read"] / FLOOR_PASSES
             ctx = PROMPT + NEW / 2
             mfu = ours * flops_per_token(cfg, ctx) / peak
             row = {
@@ -280,6 +294,7 @@ def main(argv=None) -> int:
                 "raw_read_ms": raw_read * 1e3,
                 "mfu": mfu,
                 "matmul_peak_GFLOPs": peak / 1e9,
+                "floor_gemv": {"x".join(map(str, shape)): kind for shape, kind in chosen.items()},
             }
             line = (
                 f"{dname:9s} batch {batch}: ours {ours:8.1f} tok/s  step {step * 1e3:6.2f} ms"
@@ -293,6 +308,7 @@ def main(argv=None) -> int:
                 if not ok:
                     failures.append(f"{dname} step/floor {step / floor:.2f} > {goal}")
             print(line, flush=True)
+            print("    floor GEMVs: " + ", ".join(f"{o}x{i} {kind}" for (o, i), kind in chosen.items()), flush=True)
             if "ours-int8" in times:
                 q_tok = batch * NEW / times["ours-int8"]
                 q_step = (times["ours-int8"] - times["ours-int8-prefill"]) / (NEW - 1)

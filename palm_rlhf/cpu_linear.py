@@ -161,6 +161,17 @@ def linear_add(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) ->
     return residual + linear(x, weight)
 
 
+def linear_packed(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """:func:`linear` for a 2-D ``x`` without its checks, for a caller that made them (no
+    autograd, matching float32 or bfloat16 CPU tensors, :func:`enabled`)."""
+    return _apply(x, _packed(weight))
+
+
+def linear_packed_add(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """:func:`linear_add` for 2-D tensors without its checks (see :func:`linear_packed`)."""
+    return torch.ops.mkldnn._linear_pointwise.binary(x, residual, _packed(weight), None, "add")
+
+
 # --- weight-only int8 -----------------------------------------------------------------------
 
 #: above this many rows the int8 kernel (one pass per row) is slower than the float GEMM

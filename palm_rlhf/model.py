@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import dispatch
+from kernels import cpu_decode, dispatch
 from palm_rlhf import cpu_linear
 from palm_rlhf.config import PaLMConfig
 from palm_rlhf.lora import LayerLoRA
@@ -251,11 +251,14 @@ class ParallelBlock(nn.Module):
         """One new token per row: x (batch, dim) -> (batch, dim). The same computation as
         ``forward`` with a cache and a one-token chunk, on 2-D tensors and with fewer small
         ops: at batch 1 a decode step is mostly per-op overhead besides the weight stream.
-        ``rotary``: the rotation as a matrix (rows or 1, dim_head, dim_head), so that one
-        matmul rotates every head (see :meth:`Rotary.rotation`), and the xPos scale or None."""
+        ``rotary``: (rotation, xscale, cos, sin). Either the rotation as a matrix (rows or 1,
+        dim_head, dim_head), so that one matmul rotates every head (see
+        :meth:`Rotary.rotation`), and the xPos scale or None; or, when :meth:`PaLM.forward_cached`
+        chose the C kernel (``kernels.cpu_decode``), one cos and one sin row shared by all rows,
+        and everything between the two projections is one kernel call."""
         b = x.shape[0]
         h, d = self.heads, self.dim_head
-        rotation, xscale = rotary
+        rotation, xscale, cos, sin = rotary
         normed = F.layer_norm(x, x.shape[-1:], self.norm.weight)
         int8 = self.int8_weights() if b <= cpu_linear.INT8_MAX_ROWS else None
         if int8 is not None:
@@ -264,6 +267,9 @@ class ParallelBlock(nn.Module):
             fused = cpu_linear.linear(normed, self.fused_attn_ff_proj.weight)
         if lora is not None:
             fused = fused + lora.fused(normed)
+        if cos is not None:
+            both = cpu_decode.attn_swiglu(fused, cos, sin, *cache, cache_pos, h, self.ff_inner, self.scale)
+            return self._decode_out(x, both, int8, lora)
         qk, v, ff = fused.split((self.attn_inner + d, d, 2 * self.ff_inner), dim=-1)
         qk = qk.view(b, h + 1, d)
         if self.cfg.qk_rmsnorm:
@@ -286,18 +292,48 @@ class ParallelBlock(nn.Module):
                 q.view(b, 1, h, d), k_cache[:, :, :end], v_cache[:, :, :end], attn_mask=decode_mask, scale=self.scale
             )
         out = out.reshape(b, self.attn_inner)
-        hidden = dispatch.swiglu(ff)
+        return self._decode_out(x, torch.cat((out, dispatch.swiglu(ff)), dim=-1), int8, lora)
+
+    def decode_kernel(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: tuple, cache_pos: int, merged: torch.Tensor
+    ) -> torch.Tensor:
+        """:meth:`decode_one` on its leanest path, four calls per layer: the norm, the fused
+        input projection (oneDNN, reordered weight), the C kernel for everything up to the
+        output projection, and the merged output projection with the residual riding in it.
+        For callers that checked ``cpu_decode.supports``; ``merged``: what
+        :meth:`kernel_weights` returned for this step."""
+        params = self._modules["norm"]._parameters
+        fused = cpu_linear.linear_packed(
+            torch.layer_norm(x, x.shape[-1:], params["weight"]),
+            self._modules["fused_attn_ff_proj"]._parameters["weight"],
+        )
+        both = cpu_decode.attn_swiglu_unchecked(fused, cos, sin, cache, cache_pos, self.heads, self.ff_inner, self.scale)
+        return cpu_linear.linear_packed_add(both, merged, x)
+
+    def kernel_weights(self) -> torch.Tensor | None:
+        """The merged output weight when :meth:`decode_kernel` applies (float weights, no int8
+        decoding, the output projections side by side, the reordered oneDNN path on), else
+        None."""
+        if self.__dict__.get("_int8_on") or not cpu_linear.enabled():
+            return None
+        return self.merged_out_weight()
+
+    def _decode_out(self, x: torch.Tensor, both: torch.Tensor, int8: tuple | None, lora: LayerLoRA | None):
+        """The output projections of a decode step and the residual: ``both`` is
+        [attention out | SwiGLU out] per row."""
         merged = None if int8 is not None else self.merged_out_weight()
         if int8 is not None:
-            y = cpu_linear.int8_linear(torch.cat((out, hidden), dim=-1), *int8[1])
+            y = cpu_linear.int8_linear(both, *int8[1])
         elif merged is not None and lora is None:
             # the residual rides in the matmul: one op fewer per layer
-            return cpu_linear.linear_add(torch.cat((out, hidden), dim=-1), merged, x)
+            return cpu_linear.linear_add(both, merged, x)
         elif merged is not None:
-            y = cpu_linear.linear(torch.cat((out, hidden), dim=-1), merged)
+            y = cpu_linear.linear(both, merged)
         else:
+            out, hidden = both[:, : self.attn_inner], both[:, self.attn_inner :]
             y = cpu_linear.linear(out, self.attn_out.weight) + cpu_linear.linear(hidden, self.ff_out.weight)
         if lora is not None:
+            out, hidden = both[:, : self.attn_inner], both[:, self.attn_inner :]
             y = y + lora.attn_out(out) + lora.ff_out(hidden)
         return y.add_(x)
 
@@ -321,7 +357,8 @@ class ParallelBlock(nn.Module):
         """The attention and feed-forward output weights as one (dim, attn_inner + ff_inner)
         matrix, when :meth:`PaLM.use_fast_layout` put them side by side in one buffer (else
         None). A view, not a copy; remade when either weight is replaced or updated in place."""
-        a, f = self.attn_out.weight, self.ff_out.weight
+        mods = self._modules
+        a, f = mods["attn_out"]._parameters["weight"], mods["ff_out"]._parameters["weight"]
         key = (a.data_ptr(), f.data_ptr(), a._version, f._version)
         cached = self.__dict__.get("_merged")
         if cached is not None and cached[0] == key:
@@ -665,7 +702,27 @@ class PaLM(nn.Module):
         if x.shape[1] == 1 and attn_mask is None and not dropout:
             h = self.token_emb(x[:, 0])  # (batch, dim)
             cos, sin, xscale = self.rotary.lookup(positions, h.dtype, max_position=cache_pos)
-            rotary = (self.rotary.rotation(cos[:, 0], sin[:, 0]), None if xscale is None else xscale[:, 0, None])
+            if (
+                xscale is None
+                and decode_mask is None
+                and positions.shape[0] == 1
+                and not self.config.qk_rmsnorm
+                and all(lora is None for lora in loras)
+                and not dispatch.triton_enabled_for(h)
+                and cpu_decode.supports(h, caches, cache_pos)
+            ):
+                # one C call per layer between the two projections
+                cos, sin = cos[0, 0], sin[0, 0]
+                merged = [layer.kernel_weights() for layer in self.layers]
+                if all(w is not None for w in merged):
+                    for layer, cache, w in zip(self.layers, caches, merged):
+                        h = layer.decode_kernel(h, cos, sin, cache, cache_pos, w)
+                    logits = cpu_linear.linear(self.norm(h), self.token_emb.weight)
+                    return logits if last_only else logits[:, None]
+                rotary = (None, None, cos, sin)
+            else:
+                rotation = self.rotary.rotation(cos[:, 0], sin[:, 0])
+                rotary = (rotation, None if xscale is None else xscale[:, 0, None], None, None)
             for layer, lora, cache in zip(self.layers, loras, caches):
                 h = layer.decode_one(h, rotary, cache, cache_pos, lora=lora, decode_mask=decode_mask)
             logits = cpu_linear.linear(self.norm(h), self.token_emb.weight)

@@ -1,0 +1,263 @@
+"""A small C kernel for the non-matmul part of a CPU decode step (``csrc/cpu_decode.c``).
+
+At batch 1 a decode step streams every weight once through two matmuls per layer; what lies
+between them (rotary, the KV-cache write, attention over the cache, SwiGLU, the gather of
+both outputs) is a dozen tiny tensor operations whose dispatch costs more than their
+arithmetic. :func:`attn_swiglu` does all of it in one call per layer.
+
+The kernel is plain C with no PyTorch headers. It is compiled on first use with the system
+C compiler (``$CC``, else ``cc`` or ``gcc``; under a second on two cores) into a cache
+folder (``$PALM_RLHF_CACHE_DIR``, else ``$XDG_CACHE_HOME/palm-rlhf``, else
+``~/.cache/palm-rlhf``), keyed by the source, the flags, the compiler and the CPU, and
+loaded with ``ctypes``. Before first use its results are checked against the PyTorch
+computation; with no compiler, a failed build or a failed check it stays off (one warning)
+and the model takes the PyTorch path. ``PALM_RLHF_CPU_KERNEL=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_decode.c"
+ABI = 1
+MAX_HEAD_DIM = 256
+#: above this many (rows x attended slots) the PyTorch path, which uses every thread, is used
+MAX_WORK = 1 << 15
+FLAGS = (
+    "-O3", "-fPIC", "-shared", "-std=c99",
+    # vectorize the reductions without -ffast-math, which would set flush-to-zero for the process
+    "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros",
+)
+DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
+
+_lock = threading.Lock()
+_state: dict = {}  # "lib": the loaded library or None once decided
+
+
+def _wanted() -> bool:
+    return os.environ.get("PALM_RLHF_CPU_KERNEL", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def cache_dir() -> Path:
+    if os.environ.get("PALM_RLHF_CACHE_DIR"):
+        return Path(os.environ["PALM_RLHF_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "palm-rlhf"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the CPU's model and feature flags."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        keep = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags", "Features", "CPU part"))]
+        return "\n".join(sorted(set(keep)))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _march_flags(cc: str) -> tuple[str, ...]:
+    """-march=native where the compiler takes it (x86, recent Arm), else nothing."""
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = Path(tmp) / "probe.c"
+        probe.write_text("int main(void) { return 0; }\n")
+        ok = subprocess.run([cc, "-march=native", "-o", str(Path(tmp) / "probe"), str(probe)], check=False, capture_output=True)
+    return ("-march=native",) if ok.returncode == 0 else ()
+
+
+def build(force: bool = False) -> Path:
+    """Compile the kernel (or find the cached build) and return the shared library's path.
+    Raises RuntimeError when there is no compiler or the build fails."""
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC, or install gcc)")
+    flags = FLAGS + _march_flags(cc)
+    version = subprocess.run([cc, "--version"], check=False, capture_output=True, text=True).stdout.splitlines()[:1]
+    key = hashlib.sha256(
+        "\0".join([SOURCE.read_text(), " ".join(flags), cc, *version, _cpu_signature(), str(ABI)]).encode()
+    ).hexdigest()[:16]
+    out_dir = cache_dir()
+    target = out_dir / f"cpu_decode-{key}.so"
+    if target.exists() and not force:
+        return target
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # build next to the target and rename: concurrent builders (services starting together)
+    # each produce a whole file, and the last rename wins
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".cpu_decode-", suffix=".so")
+    os.close(fd)
+    try:
+        res = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE)], check=False, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{res.stderr.strip()}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _load(path: Path):
+    lib = ctypes.CDLL(str(path))
+    if lib.palm_cpu_decode_abi() != ABI:
+        raise RuntimeError(f"{path} has another ABI version")
+    p, n, f = ctypes.c_void_p, ctypes.c_long, ctypes.c_float
+    for suffix in DTYPES.values():
+        fn = getattr(lib, f"palm_attn_swiglu_{suffix}")
+        fn.argtypes = [p, n, p, p, p, p, n, n, n, n, n, n, n, n, f, p, n]
+        fn.restype = ctypes.c_int
+    return lib
+
+
+def reference(fused, cos, sin, k_cache, v_cache, pos, heads, ff, scale, start=0):
+    """The same computation in PyTorch (what the model's plain path does), for the checks.
+    Writes the caches like the kernel and returns ``[attention out | SwiGLU out]``."""
+    b = fused.shape[0]
+    d = k_cache.shape[-1]
+    q, k, v, value, gate = fused.split((heads * d, d, d, ff, ff), dim=-1)
+
+    def rotate(x):
+        return x * cos + x.roll(d // 2, dims=-1) * sin
+
+    q = rotate(q.view(b, heads, d))
+    k_cache[:, 0, pos] = rotate(k)
+    v_cache[:, 0, pos] = v
+    keys, values = k_cache[:, :, start : pos + 1], v_cache[:, :, start : pos + 1]
+    att = F.scaled_dot_product_attention(q.view(b, 1, heads, d), keys, values, scale=scale).reshape(b, heads * d)
+    return torch.cat((att, F.silu(gate) * value), dim=-1)
+
+
+def _self_check(lib) -> bool:
+    gen = torch.Generator().manual_seed(0)
+    heads, d, ff, slots = 3, 16, 24, 12
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
+        for rows, pos, start in ((1, 0, 0), (2, 7, 0), (2, 9, 3)):
+            fused = torch.randn(rows, heads * d + 2 * d + 2 * ff, generator=gen).to(dtype)
+            angle = torch.rand(d // 2, generator=gen) * 6
+            cos = torch.cat((angle.cos(), angle.cos())).to(dtype)
+            sin = torch.cat((-angle.sin(), angle.sin())).to(dtype)
+            k0 = torch.randn(rows, 1, slots, d, generator=gen).to(dtype)
+            v0 = torch.randn(rows, 1, slots, d, generator=gen).to(dtype)
+            k_ref, v_ref = k0.float(), v0.float()
+            want = reference(fused.float(), cos.float(), sin.float(), k_ref, v_ref, pos, heads, ff, 0.3, start)
+            got = _call(lib, fused, cos, sin, k0, v0, pos, heads, ff, 0.3, start)
+            for a, b in ((got, want), (k0, k_ref), (v0, v_ref)):
+                if not torch.allclose(a.float(), b, rtol=tol, atol=tol):
+                    return False
+    return True
+
+
+def library():
+    """The loaded kernel library, or None when it is off, cannot be built or failed its check."""
+    if "lib" in _state:
+        return _state["lib"]
+    with _lock:
+        if "lib" in _state:
+            return _state["lib"]
+        lib = None
+        if _wanted():
+            try:
+                lib = _load(build())
+                if not _self_check(lib):
+                    log.warning("the CPU decode kernel disagrees with PyTorch; using the PyTorch path")
+                    lib = None
+            except Exception as e:  # noqa: BLE001 - any failure means: take the PyTorch path
+                log.warning("CPU decode kernel unavailable (%s); using the PyTorch path", e)
+                lib = None
+        _state["fns"] = {} if lib is None else {dt: getattr(lib, "palm_attn_swiglu_" + s) for dt, s in DTYPES.items()}
+        _state["lib"] = lib
+        return lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def reset() -> None:
+    """Forget the decision (tests; after changing ``PALM_RLHF_CPU_KERNEL``)."""
+    with _lock:
+        _state.clear()
+
+
+def supports(rows: torch.Tensor, caches, pos: int, start: int = 0) -> bool:
+    """Whether :func:`attn_swiglu` takes a decode step of ``rows`` (any (rows, features)
+    activation of the step) against these per-layer ``(k, v)`` caches (else use the PyTorch
+    path)."""
+    k0 = caches[0][0]
+    d, strides = k0.shape[-1], k0.stride()
+    return (
+        rows.device.type == "cpu"
+        and rows.dtype in DTYPES
+        and rows.dim() == 2
+        and strides[-1] == 1
+        and d <= MAX_HEAD_DIM
+        and d % 2 == 0
+        and rows.shape[0] * (pos - start + 1) <= MAX_WORK
+        and all(k.dtype == v.dtype == rows.dtype and k.stride() == v.stride() == strides for k, v in caches)
+        and available()
+    )
+
+
+def _call(lib, fused, cos, sin, k_cache, v_cache, pos, heads, ff, scale, start=0, out=None):
+    rows = fused.shape[0]
+    d = k_cache.shape[-1]
+    if fused.stride(-1) != 1:
+        fused = fused.contiguous()
+    if out is None:
+        out = torch.empty(rows, heads * d + ff, dtype=fused.dtype)
+    if k_cache.stride() != v_cache.stride() or cos.stride(-1) != 1 or sin.stride(-1) != 1:
+        raise ValueError("k/v caches must share strides and cos/sin be contiguous rows")
+    fn = getattr(lib, "palm_attn_swiglu_" + DTYPES[fused.dtype])
+    rc = fn(
+        fused.data_ptr(), fused.stride(0), cos.data_ptr(), sin.data_ptr(),
+        k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(-2), start,
+        pos, rows, heads, d, ff, scale, out.data_ptr(), out.stride(0),
+    )
+    if rc != 0:
+        raise RuntimeError(f"CPU decode kernel failed ({rc})")
+    return out
+
+
+def attn_swiglu(fused, cos, sin, k_cache, v_cache, pos: int, heads: int, ff: int, scale: float, start: int = 0):
+    """One decode step's work between the two projections of a layer, for every row:
+    rotate the queries and the key (``cos``/``sin``: one sign-folded row, see
+    :class:`palm_rlhf.model.Rotary`), write the key and value at slot ``pos`` of the caches
+    (``(rows, 1, slots, dim_head)``), attend over slots ``[start, pos]`` and apply SwiGLU.
+    ``fused``: (rows, heads * dim_head + 2 * dim_head + 2 * ff) rows of the fused input
+    projection. Returns (rows, heads * dim_head + ff): [attention out | SwiGLU out]."""
+    return _call(library(), fused, cos, sin, k_cache, v_cache, pos, heads, ff, scale, start)
+
+
+def attn_swiglu_unchecked(fused, cos, sin, cache, pos: int, heads: int, ff: int, scale: float):
+    """:func:`attn_swiglu` for a caller that checked :func:`supports` (contiguous ``fused``,
+    the caches of one :class:`palm_rlhf.generation.KVCache` layer), with less per-call work."""
+    k_cache, v_cache = cache
+    rows, d = fused.shape[0], k_cache.shape[-1]
+    out = torch.empty(rows, heads * d + ff, dtype=fused.dtype)
+    strides = k_cache.stride()
+    rc = _state["fns"][fused.dtype](
+        fused.data_ptr(), fused.shape[1], cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+        strides[0], strides[-2], 0, pos, rows, heads, d, ff, scale, out.data_ptr(), heads * d + ff,
+    )
+    if rc != 0:
+        raise RuntimeError(f"CPU decode kernel failed ({rc})")
+    return out
