@@ -9,9 +9,11 @@ The kernel is plain C with no PyTorch headers. It is compiled on first use with 
 C compiler (``$CC``, else ``cc`` or ``gcc``; under a second on two cores) into a cache
 folder (``$PALM_RLHF_CACHE_DIR``, else ``$XDG_CACHE_HOME/palm-rlhf``, else
 ``~/.cache/palm-rlhf``), keyed by the source, the flags, the compiler and the CPU, and
-loaded with ``ctypes``. Before first use its results are checked against the PyTorch
-computation; with no compiler, a failed build or a failed check it stays off (one warning)
-and the model takes the PyTorch path. ``PALM_RLHF_CPU_KERNEL=0`` turns it off.
+loaded with ``ctypes``. Where nothing can be compiled, a portable build shipped beside the
+source (``python -m kernels.cpu_decode --prebuild``; the container image makes one) is used.
+Before first use its results are checked against the PyTorch computation; with no library,
+or a failed check, it stays off (one warning) and the model takes the PyTorch path.
+``PALM_RLHF_CPU_KERNEL=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_decode.c"
+#: a portable build shipped beside the source (``python -m kernels.cpu_decode --prebuild``,
+#: as container images do), used where nothing can be compiled
+PREBUILT = SOURCE.with_name("cpu_decode-portable.so")
 ABI = 1
 MAX_HEAD_DIM = 256
 #: above this many (rows x attended slots) the PyTorch path, which uses every thread, is used
@@ -85,21 +90,24 @@ def _march_flags(cc: str) -> tuple[str, ...]:
     return ("-march=native",) if ok.returncode == 0 else ()
 
 
-def build(force: bool = False) -> Path:
+def build(force: bool = False, portable: bool = False, output: Path | None = None) -> Path:
     """Compile the kernel (or find the cached build) and return the shared library's path.
-    Raises RuntimeError when there is no compiler or the build fails."""
+    ``portable``: for any CPU of this architecture (no -march=native), as shipped in container
+    images; ``output``: write there instead of the cache. Raises RuntimeError when there is
+    no compiler or the build fails."""
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set CC, or install gcc)")
-    flags = FLAGS + _march_flags(cc)
+    flags = FLAGS + (() if portable else _march_flags(cc))
     version = subprocess.run([cc, "--version"], check=False, capture_output=True, text=True).stdout.splitlines()[:1]
+    cpu = platform.machine() if portable else _cpu_signature()
     key = hashlib.sha256(
-        "\0".join([SOURCE.read_text(), " ".join(flags), cc, *version, _cpu_signature(), str(ABI)]).encode()
+        "\0".join([SOURCE.read_text(), " ".join(flags), cc, *version, cpu, str(ABI)]).encode()
     ).hexdigest()[:16]
-    out_dir = cache_dir()
-    target = out_dir / f"cpu_decode-{key}.so"
-    if target.exists() and not force:
+    target = Path(output) if output is not None else cache_dir() / f"cpu_decode-{key}.so"
+    if target.exists() and not force and output is None:
         return target
+    out_dir = target.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     # build next to the target and rename: concurrent builders (services starting together)
     # each produce a whole file, and the last rename wins
@@ -176,7 +184,13 @@ def library():
         lib = None
         if _wanted():
             try:
-                lib = _load(build())
+                try:
+                    path = build()
+                except RuntimeError:
+                    if not PREBUILT.exists():
+                        raise
+                    path = PREBUILT
+                lib = _load(path)
                 if not _self_check(lib):
                     log.warning("the CPU decode kernel disagrees with PyTorch; using the PyTorch path")
                     lib = None
@@ -261,3 +275,19 @@ def attn_swiglu_unchecked(fused, cos, sin, cache, pos: int, heads: int, ff: int,
     if rc != 0:
         raise RuntimeError(f"CPU decode kernel failed ({rc})")
     return out
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Build the CPU decode kernel and check it against PyTorch.")
+    ap.add_argument("--prebuild", action="store_true", help=f"write a portable build to {PREBUILT}")
+    args = ap.parse_args(argv)
+    path = build(portable=True, output=PREBUILT) if args.prebuild else build(force=True)
+    ok = _self_check(_load(path))
+    print(f"{path}: {'passes' if ok else 'FAILS'} its check against PyTorch")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -224,3 +224,24 @@ def test_files_pyproject_refers_to_reach_the_build_context():
     if readme:
         assert (REPO / readme).is_file(), f"pyproject.toml names readme {readme!r}, which does not exist"
         assert not ignored(readme, dockerignore_patterns()), f"{readme} is excluded from the build context"
+
+
+def test_the_cpu_image_ships_a_portable_build_of_the_cpu_decode_kernel():
+    """The runtime stage has no compiler: the build stage compiles the kernel for any CPU of
+    the architecture, after the project is installed (it lands beside the installed source)."""
+    args, stages = parse_dockerfile(IMAGES["cpu"])
+    build = next(s for s in stages if pip_installs(s, args))
+    runs = [expand(r, args) for r in build.all("RUN")]
+    compiler = next((i for i, r in enumerate(runs) if re.search(r"apt-get install .*\bgcc\b", r)), None)
+    assert compiler is not None, "no C compiler in the build stage"
+    prebuild = next((i for i, r in enumerate(runs) if "python -m kernels.cpu_decode --prebuild" in r), None)
+    project = next(i for i, r in enumerate(runs) if re.search(r"pip install --no-deps /src", r))
+    assert prebuild is not None and compiler < prebuild and project <= prebuild
+    assert prebuild_after_install(runs[prebuild])
+
+
+def prebuild_after_install(run: str) -> bool:
+    parts = [p.strip() for p in run.split("&&")]
+    installs = [i for i, p in enumerate(parts) if "pip install" in p]
+    builds = [i for i, p in enumerate(parts) if "kernels.cpu_decode --prebuild" in p]
+    return bool(builds) and (not installs or max(installs) < min(builds))
