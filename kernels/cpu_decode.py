@@ -38,7 +38,7 @@ SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_decode.c"
 #: a portable build shipped beside the source (``python -m kernels.cpu_decode --prebuild``,
 #: as container images do), used where nothing can be compiled
 PREBUILT = SOURCE.with_name("cpu_decode-portable.so")
-ABI = 1
+ABI = 2
 MAX_HEAD_DIM = 256
 #: above this many (rows x attended slots) the PyTorch path, which uses every thread, is used
 MAX_WORK = 1 << 15
@@ -47,7 +47,8 @@ FLAGS = (
     # vectorize the reductions without -ffast-math, which would set flush-to-zero for the process
     "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros",
 )
-DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
+DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the kernel's element type codes
+_ARGS = ctypes.c_int64 * 17
 
 _lock = threading.Lock()
 _state: dict = {}  # "lib": the loaded library or None once decided
@@ -98,7 +99,8 @@ def build(force: bool = False, portable: bool = False, output: Path | None = Non
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set CC, or install gcc)")
-    flags = FLAGS + (() if portable else _march_flags(cc))
+    # portable: no -march=native, but one copy of the kernel per x86-64 level, picked at load
+    flags = FLAGS + (("-DPALM_PORTABLE",) if portable else _march_flags(cc))
     version = subprocess.run([cc, "--version"], check=False, capture_output=True, text=True).stdout.splitlines()[:1]
     cpu = platform.machine() if portable else _cpu_signature()
     key = hashlib.sha256(
@@ -128,11 +130,8 @@ def _load(path: Path):
     lib = ctypes.CDLL(str(path))
     if lib.palm_cpu_decode_abi() != ABI:
         raise RuntimeError(f"{path} has another ABI version")
-    p, n, f = ctypes.c_void_p, ctypes.c_long, ctypes.c_float
-    for suffix in DTYPES.values():
-        fn = getattr(lib, f"palm_attn_swiglu_{suffix}")
-        fn.argtypes = [p, n, p, p, p, p, n, n, n, n, n, n, n, n, f, p, n]
-        fn.restype = ctypes.c_int
+    lib.palm_attn_swiglu.argtypes = [ctypes.c_void_p, ctypes.c_float]
+    lib.palm_attn_swiglu.restype = ctypes.c_int
     return lib
 
 
@@ -197,7 +196,7 @@ def library():
             except Exception as e:  # noqa: BLE001 - any failure means: take the PyTorch path
                 log.warning("CPU decode kernel unavailable (%s); using the PyTorch path", e)
                 lib = None
-        _state["fns"] = {} if lib is None else {dt: getattr(lib, "palm_attn_swiglu_" + s) for dt, s in DTYPES.items()}
+        _state["fn"] = None if lib is None else lib.palm_attn_swiglu
         _state["lib"] = lib
         return lib
 
@@ -231,6 +230,16 @@ def supports(rows: torch.Tensor, caches, pos: int, start: int = 0) -> bool:
     )
 
 
+_tls = threading.local()  # one argument array per thread: calls may run concurrently
+
+
+def _args():
+    a = _tls.__dict__.get("args")
+    if a is None:
+        a = _tls.args = _ARGS()
+    return a
+
+
 def _call(lib, fused, cos, sin, k_cache, v_cache, pos, heads, ff, scale, start=0, out=None):
     rows = fused.shape[0]
     d = k_cache.shape[-1]
@@ -240,12 +249,13 @@ def _call(lib, fused, cos, sin, k_cache, v_cache, pos, heads, ff, scale, start=0
         out = torch.empty(rows, heads * d + ff, dtype=fused.dtype)
     if k_cache.stride() != v_cache.stride() or cos.stride(-1) != 1 or sin.stride(-1) != 1:
         raise ValueError("k/v caches must share strides and cos/sin be contiguous rows")
-    fn = getattr(lib, "palm_attn_swiglu_" + DTYPES[fused.dtype])
-    rc = fn(
-        fused.data_ptr(), fused.stride(0), cos.data_ptr(), sin.data_ptr(),
+    a = _args()
+    a[:] = (
+        DTYPES[fused.dtype], fused.data_ptr(), fused.stride(0), cos.data_ptr(), sin.data_ptr(),
         k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(-2), start,
-        pos, rows, heads, d, ff, scale, out.data_ptr(), out.stride(0),
+        pos, rows, heads, d, ff, out.data_ptr(), out.stride(0),
     )
+    rc = lib.palm_attn_swiglu(ctypes.addressof(a), scale)
     if rc != 0:
         raise RuntimeError(f"CPU decode kernel failed ({rc})")
     return out
@@ -266,12 +276,16 @@ def attn_swiglu_unchecked(fused, cos, sin, cache, pos: int, heads: int, ff: int,
     the caches of one :class:`palm_rlhf.generation.KVCache` layer), with less per-call work."""
     k_cache, v_cache = cache
     rows, d = fused.shape[0], k_cache.shape[-1]
-    out = torch.empty(rows, heads * d + ff, dtype=fused.dtype)
+    width = heads * d + ff
+    out = torch.empty(rows, width, dtype=fused.dtype)
     strides = k_cache.stride()
-    rc = _state["fns"][fused.dtype](
-        fused.data_ptr(), fused.shape[1], cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-        strides[0], strides[-2], 0, pos, rows, heads, d, ff, scale, out.data_ptr(), heads * d + ff,
+    a = _tls.__dict__.get("args") or _args()
+    a[:] = (
+        DTYPES[fused.dtype], fused.data_ptr(), fused.shape[1], cos.data_ptr(), sin.data_ptr(),
+        k_cache.data_ptr(), v_cache.data_ptr(), strides[0], strides[-2], 0, pos, rows, heads, d, ff,
+        out.data_ptr(), width,
     )
+    rc = _state["fn"](ctypes.addressof(a), scale)
     if rc != 0:
         raise RuntimeError(f"CPU decode kernel failed ({rc})")
     return out

@@ -25,15 +25,18 @@
 #include <string.h>
 
 #define MAX_HEAD_DIM 256
+/* everything is inlined into the entry point, so that each copy of a portable build (below)
+ * compiles all of it for its own instruction set */
+#define INLINE static inline __attribute__((always_inline))
 
-static inline float bf16_to_f32(uint16_t h) {
+INLINE float bf16_to_f32(uint16_t h) {
     uint32_t u = ((uint32_t)h) << 16;
     float f;
     memcpy(&f, &u, sizeof f);
     return f;
 }
 
-static inline uint16_t f32_to_bf16(float v) {
+INLINE uint16_t f32_to_bf16(float v) {
     uint32_t u;
     memcpy(&u, &v, sizeof u);
     if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* quiet NaN */
@@ -43,14 +46,14 @@ static inline uint16_t f32_to_bf16(float v) {
 
 /* n elements of type `bf16 ? bfloat16 : float32` at src as float32: src itself for float32,
  * else converted into dst */
-static inline const float *load_row(const void *src, float *dst, long n, int bf16) {
+INLINE const float *load_row(const void *src, float *dst, long n, int bf16) {
     if (!bf16) return src;
     const uint16_t *s = src;
     for (long i = 0; i < n; i++) dst[i] = bf16_to_f32(s[i]);
     return dst;
 }
 
-static inline void store_row(void *dst, const float *src, long n, int bf16) {
+INLINE void store_row(void *dst, const float *src, long n, int bf16) {
     if (bf16) {
         uint16_t *d = dst;
         for (long i = 0; i < n; i++) d[i] = f32_to_bf16(src[i]);
@@ -63,7 +66,7 @@ static inline void store_row(void *dst, const float *src, long n, int bf16) {
  * per element): x = k ln2 + r with |r| <= ln2 / 2 (k rounded with the 1.5 * 2^23 trick),
  * e^r by a degree-6 polynomial (Taylor coefficients: relative error below 2e-7 there),
  * times 2^k made from exponent bits. Inputs are clamped to [-87, 88]: 2^k stays normal. */
-static inline float fast_exp(float x) {
+INLINE float fast_exp(float x) {
     x = x < -87.0f ? -87.0f : x;
     x = x > 88.0f ? 88.0f : x;
     const float shifter = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
@@ -88,7 +91,7 @@ static inline float fast_exp(float x) {
 }
 
 /* rotate(x) into y (float32), d even */
-static inline void rotate(const float *x, const float *cs, const float *sn, float *y, long d, float scale) {
+INLINE void rotate(const float *x, const float *cs, const float *sn, float *y, long d, float scale) {
     const long half = d / 2;
     for (long i = 0; i < half; i++) {
         y[i] = (x[i] * cs[i] + x[i + half] * sn[i]) * scale;
@@ -96,7 +99,7 @@ static inline void rotate(const float *x, const float *cs, const float *sn, floa
     }
 }
 
-static float max_of(const float *s, long n) {
+INLINE float max_of(const float *s, long n) {
     /* sixteen running maxima, elementwise (vectorizes; a single running max does not) */
     float m[16];
     for (int l = 0; l < 16; l++) m[l] = s[0];
@@ -109,7 +112,7 @@ static float max_of(const float *s, long n) {
     return best;
 }
 
-static void softmax_inplace(float *s, long n) {
+INLINE void softmax_inplace(float *s, long n) {
     const float m = max_of(s, n);
     float sum = 0.f;
     for (long t = 0; t < n; t++) {
@@ -123,8 +126,8 @@ static void softmax_inplace(float *s, long n) {
 /* Attention of `heads` query rows q (heads x D, scaled) over n keys and values (rows of
  * `stride` floats): o (heads x D). `D` is a constant at the call sites below, so that the
  * inner loops unroll and each head's accumulator stays in registers. */
-static inline __attribute__((always_inline)) void attend(const float *q, const float *K, const float *V, long stride,
-                                                         long n, long heads, float *scores, float *o, const long D) {
+INLINE void attend(const float *q, const float *K, const float *V, long stride, long n, long heads, float *scores,
+                   float *o, const long D) {
     for (long j = 0; j < heads; j++) {
         const float *qj = q + j * D;
         float *sj = scores + j * n;
@@ -145,23 +148,84 @@ static inline __attribute__((always_inline)) void attend(const float *q, const f
     }
 }
 
-static void attend_any(const float *q, const float *K, const float *V, long stride, long n, long heads, float *scores,
+/* The same for a head dimension that is a multiple of 16, in GCC/Clang vector types: the
+ * query and the accumulator of a head are NV vectors of 16 floats held in registers, and every
+ * key and value row is read as NV vector loads (whatever the target's vector width; without
+ * wide vectors the compiler splits them). */
+#if (defined(__AVX2__) || defined(__AVX512F__)) && !defined(PALM_PORTABLE)
+#define HAVE_WIDE_VECTORS 1
+#else
+#define HAVE_WIDE_VECTORS 0 /* 16-float vectors would be split into slow pieces: use the plain loops */
+#endif
+
+typedef float v16 __attribute__((vector_size(64)));
+
+INLINE v16 load16(const float *p) {
+    v16 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+INLINE float hsum16(v16 v) {
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+    typedef float v8 __attribute__((vector_size(32)));
+    typedef float v4 __attribute__((vector_size(16)));
+    v8 h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+           __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    v4 g = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+    return (g[0] + g[2]) + (g[1] + g[3]);
+#else
+    float s = 0.f;
+    for (int i = 0; i < 16; i++) s += v[i];
+    return s;
+#endif
+}
+
+INLINE void attend_v(const float *q, const float *K, const float *V, long stride, long n, long heads, float *scores,
+                     float *o, const int NV) {
+    for (long j = 0; j < heads; j++) {
+        v16 qv[8], acc[8];
+        for (int c = 0; c < NV; c++) qv[c] = load16(q + j * NV * 16 + c * 16);
+        float *sj = scores + j * n;
+        for (long t = 0; t < n; t++) {
+            const float *kt = K + t * stride;
+            v16 sum = qv[0] * load16(kt);
+            for (int c = 1; c < NV; c++) sum += qv[c] * load16(kt + c * 16);
+            sj[t] = hsum16(sum);
+        }
+        softmax_inplace(sj, n);
+        for (int c = 0; c < NV; c++) acc[c] = (v16){0};
+        for (long t = 0; t < n; t++) {
+            const float p = sj[t], *vt = V + t * stride;
+            for (int c = 0; c < NV; c++) acc[c] += p * load16(vt + c * 16);
+        }
+        for (int c = 0; c < NV; c++) memcpy(o + j * NV * 16 + c * 16, &acc[c], sizeof(v16));
+    }
+}
+
+INLINE void attend_any(const float *q, const float *K, const float *V, long stride, long n, long heads, float *scores,
                        float *o, long d) {
     switch (d) {
+#if HAVE_WIDE_VECTORS
+    case 64: attend_v(q, K, V, stride, n, heads, scores, o, 4); break;
+    case 128: attend_v(q, K, V, stride, n, heads, scores, o, 8); break;
+    case 32: attend_v(q, K, V, stride, n, heads, scores, o, 2); break;
+#else
     case 64: attend(q, K, V, stride, n, heads, scores, o, 64); break;
     case 128: attend(q, K, V, stride, n, heads, scores, o, 128); break;
     case 32: attend(q, K, V, stride, n, heads, scores, o, 32); break;
+#endif
     default: attend(q, K, V, stride, n, heads, scores, o, d); break;
     }
 }
 
-static void swiglu(const float *value, const float *gate, float *out, long n) {
+INLINE void swiglu(const float *value, const float *gate, float *out, long n) {
     for (long i = 0; i < n; i++) out[i] = value[i] * (gate[i] / (1.f + fast_exp(-gate[i])));
 }
 
-static inline int decode(const void *fused, long fused_rs, const void *cos_t, const void *sin_t, void *k_cache,
-                         void *v_cache, long kv_rs, long kv_ts, long start, long pos, long rows, long heads, long d,
-                         long ff, float scale, void *out, long out_rs, int bf16) {
+INLINE int decode(const void *fused, long fused_rs, const void *cos_t, const void *sin_t, void *k_cache, void *v_cache,
+                  long kv_rs, long kv_ts, long start, long pos, long rows, long heads, long d, long ff, float scale,
+                  void *out, long out_rs, int bf16) {
     if (d <= 0 || d > MAX_HEAD_DIM || d % 2 || start < 0 || start > pos) return -1;
     const size_t es = bf16 ? 2 : 4;
     const long n = pos - start + 1, width = heads * d + 2 * d + 2 * ff, out_width = heads * d + ff;
@@ -200,20 +264,21 @@ static inline int decode(const void *fused, long fused_rs, const void *cos_t, co
     return 0;
 }
 
-/* Returns 0 on success, -1 for a bad dim_head or slot range, -2 when out of memory. */
-int palm_attn_swiglu_f32(const float *fused, long fused_rs, const float *cos_t, const float *sin_t, float *k_cache,
-                         float *v_cache, long kv_rs, long kv_ts, long start, long pos, long rows, long heads, long d,
-                         long ff, float scale, float *out, long out_rs) {
-    return decode(fused, fused_rs, cos_t, sin_t, k_cache, v_cache, kv_rs, kv_ts, start, pos, rows, heads, d, ff, scale,
-                  out, out_rs, 0);
-}
-
-int palm_attn_swiglu_bf16(const uint16_t *fused, long fused_rs, const uint16_t *cos_t, const uint16_t *sin_t,
-                          uint16_t *k_cache, uint16_t *v_cache, long kv_rs, long kv_ts, long start, long pos, long rows,
-                          long heads, long d, long ff, float scale, uint16_t *out, long out_rs) {
-    return decode(fused, fused_rs, cos_t, sin_t, k_cache, v_cache, kv_rs, kv_ts, start, pos, rows, heads, d, ff, scale,
-                  out, out_rs, 1);
+/* The entry point. `a` holds, as 64-bit integers: 0 float32 / 1 bfloat16, fused, fused row
+ * stride, cos, sin, k_cache, v_cache, cache row stride, cache slot stride, start, pos, rows,
+ * heads, dim_head, ff, out, out row stride (pointers as addresses, strides in elements).
+ * One array instead of seventeen arguments: the call from Python is several times cheaper.
+ * Returns 0 on success, -1 for a bad dim_head or slot range, -2 when out of memory. */
+#if defined(PALM_PORTABLE) && defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+/* a portable build: one copy per x86-64 level, the best one picked when the library loads */
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#endif
+int palm_attn_swiglu(const int64_t *a, float scale) {
+    return decode((const void *)(intptr_t)a[1], (long)a[2], (const void *)(intptr_t)a[3],
+                  (const void *)(intptr_t)a[4], (void *)(intptr_t)a[5], (void *)(intptr_t)a[6], (long)a[7],
+                  (long)a[8], (long)a[9], (long)a[10], (long)a[11], (long)a[12], (long)a[13], (long)a[14], scale,
+                  (void *)(intptr_t)a[15], (long)a[16], a[0] != 0);
 }
 
 /* A version number the loader checks, so that a stale cached build is never used. */
-int palm_cpu_decode_abi(void) { return 1; }
+int palm_cpu_decode_abi(void) { return 2; }
