@@ -38,7 +38,7 @@ SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_decode.c"
 #: a portable build shipped beside the source (``python -m kernels.cpu_decode --prebuild``,
 #: as container images do), used where nothing can be compiled
 PREBUILT = SOURCE.with_name("cpu_decode-portable.so")
-ABI = 2
+ABI = 3
 MAX_HEAD_DIM = 256
 #: above this many (rows x attended slots) the PyTorch path, which uses every thread, is used
 MAX_WORK = 1 << 15
@@ -48,7 +48,7 @@ FLAGS = (
     "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros",
 )
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the kernel's element type codes
-_ARGS = ctypes.c_int64 * 17
+_ARGS = ctypes.c_int64 * 19
 
 _lock = threading.Lock()
 _state: dict = {}  # "lib": the loaded library or None once decided
@@ -137,31 +137,42 @@ def _load(path: Path):
 
 def reference(fused, cos, sin, k_cache, v_cache, pos, heads, ff, scale, start=0):
     """The same computation in PyTorch (what the model's plain path does), for the checks.
-    Writes the caches like the kernel and returns ``[attention out | SwiGLU out]``."""
+    ``cos``/``sin``: (dim_head,) for all rows or (rows, dim_head); ``start``: an int or one
+    first slot per row. Writes the caches like the kernel and returns ``[attention out |
+    SwiGLU out]``."""
     b = fused.shape[0]
     d = k_cache.shape[-1]
     q, k, v, value, gate = fused.split((heads * d, d, d, ff, ff), dim=-1)
+    if cos.dim() == 2:
+        cos, sin = cos[:, None], sin[:, None]
 
     def rotate(x):
         return x * cos + x.roll(d // 2, dims=-1) * sin
 
     q = rotate(q.view(b, heads, d))
-    k_cache[:, 0, pos] = rotate(k)
+    k_cache[:, 0, pos] = rotate(k[:, None])[:, 0]
     v_cache[:, 0, pos] = v
-    keys, values = k_cache[:, :, start : pos + 1], v_cache[:, :, start : pos + 1]
-    att = F.scaled_dot_product_attention(q.view(b, 1, heads, d), keys, values, scale=scale).reshape(b, heads * d)
-    return torch.cat((att, F.silu(gate) * value), dim=-1)
+    starts = torch.as_tensor(start).expand(b)
+    slots = torch.arange(pos + 1)
+    mask = (slots[None] >= starts[:, None])[:, None, None, :]  # (rows, 1, 1, pos + 1)
+    keys, values = k_cache[:, :, : pos + 1], v_cache[:, :, : pos + 1]
+    att = F.scaled_dot_product_attention(q.view(b, 1, heads, d), keys, values, attn_mask=mask, scale=scale)
+    return torch.cat((att.reshape(b, heads * d), F.silu(gate) * value), dim=-1)
 
 
 def _self_check(lib) -> bool:
     gen = torch.Generator().manual_seed(0)
     heads, d, ff, slots = 3, 16, 24, 12
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
-        for rows, pos, start in ((1, 0, 0), (2, 7, 0), (2, 9, 3)):
+        for rows, pos, start, per_row in ((1, 0, 0, False), (2, 7, 0, False), (2, 9, 3, False), (3, 9, None, True)):
             fused = torch.randn(rows, heads * d + 2 * d + 2 * ff, generator=gen).to(dtype)
-            angle = torch.rand(d // 2, generator=gen) * 6
-            cos = torch.cat((angle.cos(), angle.cos())).to(dtype)
-            sin = torch.cat((-angle.sin(), angle.sin())).to(dtype)
+            angle = torch.rand(rows if per_row else 1, d // 2, generator=gen) * 6
+            cos = torch.cat((angle.cos(), angle.cos()), dim=-1).to(dtype)
+            sin = torch.cat((-angle.sin(), angle.sin()), dim=-1).to(dtype)
+            if not per_row:
+                cos, sin = cos[0], sin[0]
+            if start is None:
+                start = torch.tensor([0, 4, 9])[:rows]
             k0 = torch.randn(rows, 1, slots, d, generator=gen).to(dtype)
             v0 = torch.randn(rows, 1, slots, d, generator=gen).to(dtype)
             k_ref, v_ref = k0.float(), v0.float()
@@ -211,7 +222,7 @@ def reset() -> None:
         _state.clear()
 
 
-def supports(rows: torch.Tensor, caches, pos: int, start: int = 0) -> bool:
+def supports(rows: torch.Tensor, caches, pos: int) -> bool:
     """Whether :func:`attn_swiglu` takes a decode step of ``rows`` (any (rows, features)
     activation of the step) against these per-layer ``(k, v)`` caches (else use the PyTorch
     path)."""
@@ -224,7 +235,7 @@ def supports(rows: torch.Tensor, caches, pos: int, start: int = 0) -> bool:
         and strides[-1] == 1
         and d <= MAX_HEAD_DIM
         and d % 2 == 0
-        and rows.shape[0] * (pos - start + 1) <= MAX_WORK
+        and rows.shape[0] * (pos + 1) <= MAX_WORK
         and all(k.dtype == v.dtype == rows.dtype and k.stride() == v.stride() == strides for k, v in caches)
         and available()
     )
@@ -245,15 +256,25 @@ def _call(lib, fused, cos, sin, k_cache, v_cache, pos, heads, ff, scale, start=0
     d = k_cache.shape[-1]
     if fused.stride(-1) != 1:
         fused = fused.contiguous()
+    cos, sin = cos.contiguous(), sin.contiguous()
+    if cos.shape != sin.shape or cos.shape[-1] != d or (cos.dim() == 2 and cos.shape[0] != rows) or cos.dim() > 2:
+        raise ValueError(f"cos/sin must be ({d},) or ({rows}, {d}), got {tuple(cos.shape)}")
     if out is None:
         out = torch.empty(rows, heads * d + ff, dtype=fused.dtype)
-    if k_cache.stride() != v_cache.stride() or cos.stride(-1) != 1 or sin.stride(-1) != 1:
-        raise ValueError("k/v caches must share strides and cos/sin be contiguous rows")
+    if k_cache.stride() != v_cache.stride():
+        raise ValueError("k/v caches must share strides")
+    starts = None
+    if isinstance(start, torch.Tensor):
+        starts = start.to(torch.int64).contiguous()
+        if starts.shape != (rows,):
+            raise ValueError(f"start must be an int or one slot per row ({rows},), got {tuple(starts.shape)}")
+        start = 0
     a = _args()
     a[:] = (
         DTYPES[fused.dtype], fused.data_ptr(), fused.stride(0), cos.data_ptr(), sin.data_ptr(),
-        k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(-2), start,
-        pos, rows, heads, d, ff, out.data_ptr(), out.stride(0),
+        cos.stride(0) if cos.dim() == 2 else 0, k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0),
+        k_cache.stride(-2), start, 0 if starts is None else starts.data_ptr(), pos, rows, heads, d, ff,
+        out.data_ptr(), out.stride(0),
     )
     rc = lib.palm_attn_swiglu(ctypes.addressof(a), scale)
     if rc != 0:
@@ -261,19 +282,23 @@ def _call(lib, fused, cos, sin, k_cache, v_cache, pos, heads, ff, scale, start=0
     return out
 
 
-def attn_swiglu(fused, cos, sin, k_cache, v_cache, pos: int, heads: int, ff: int, scale: float, start: int = 0):
+def attn_swiglu(fused, cos, sin, k_cache, v_cache, pos: int, heads: int, ff: int, scale: float, start=0):
     """One decode step's work between the two projections of a layer, for every row:
-    rotate the queries and the key (``cos``/``sin``: one sign-folded row, see
-    :class:`palm_rlhf.model.Rotary`), write the key and value at slot ``pos`` of the caches
-    (``(rows, 1, slots, dim_head)``), attend over slots ``[start, pos]`` and apply SwiGLU.
-    ``fused``: (rows, heads * dim_head + 2 * dim_head + 2 * ff) rows of the fused input
-    projection. Returns (rows, heads * dim_head + ff): [attention out | SwiGLU out]."""
+    rotate the queries and the key (``cos``/``sin``: one sign-folded row (dim_head,) for all
+    rows or one per row (rows, dim_head), see :class:`palm_rlhf.model.Rotary`), write the key
+    and value at slot ``pos`` of the caches (``(rows, 1, slots, dim_head)``), attend over slots
+    ``[start, pos]`` (``start``: an int, or an int64 tensor with one first slot per row, as in
+    a left-padded batch) and apply SwiGLU. ``fused``: (rows, heads * dim_head + 2 * dim_head +
+    2 * ff) rows of the fused input projection. Returns (rows, heads * dim_head + ff):
+    [attention out | SwiGLU out]."""
     return _call(library(), fused, cos, sin, k_cache, v_cache, pos, heads, ff, scale, start)
 
 
-def attn_swiglu_unchecked(fused, cos, sin, cache, pos: int, heads: int, ff: int, scale: float):
-    """:func:`attn_swiglu` for a caller that checked :func:`supports` (contiguous ``fused``,
-    the caches of one :class:`palm_rlhf.generation.KVCache` layer), with less per-call work."""
+def attn_swiglu_unchecked(fused, cos, sin, cache, pos: int, heads: int, ff: int, scale: float, starts=None):
+    """:func:`attn_swiglu` for a caller that checked :func:`supports` (contiguous ``fused``;
+    contiguous ``cos``/``sin``, one row or one per row; ``starts``: None or a contiguous int64
+    tensor, one first slot per row; the caches of one layer of a KV cache), with less per-call
+    work."""
     k_cache, v_cache = cache
     rows, d = fused.shape[0], k_cache.shape[-1]
     width = heads * d + ff
@@ -282,8 +307,8 @@ def attn_swiglu_unchecked(fused, cos, sin, cache, pos: int, heads: int, ff: int,
     a = _tls.__dict__.get("args") or _args()
     a[:] = (
         DTYPES[fused.dtype], fused.data_ptr(), fused.shape[1], cos.data_ptr(), sin.data_ptr(),
-        k_cache.data_ptr(), v_cache.data_ptr(), strides[0], strides[-2], 0, pos, rows, heads, d, ff,
-        out.data_ptr(), width,
+        d if cos.dim() == 2 else 0, k_cache.data_ptr(), v_cache.data_ptr(), strides[0], strides[-2], 0,
+        0 if starts is None else starts.data_ptr(), pos, rows, heads, d, ff, out.data_ptr(), width,
     )
     rc = _state["fn"](ctypes.addressof(a), scale)
     if rc != 0:

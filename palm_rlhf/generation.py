@@ -306,6 +306,7 @@ def _decode(model, prompts, params, finetune_scope, disable_lora, use_tqdm) -> I
             decode_mask=decode_mask,
             finetune_scope=finetune_scope,
             disable_lora=disable_lora,
+            row_start=row_pad if padded else None,
         )
         pos += 1
 
@@ -591,6 +592,7 @@ class DecodeSession:
                 decode_mask=self._key_valid[..., : self.pos + 1] if self._padded else None,
                 finetune_scope=self.finetune_scope,
                 disable_lora=self.disable_lora,
+                row_start=self._pad if self._padded else None,
             )
             self.pos += 1
         return events

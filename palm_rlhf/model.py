@@ -251,14 +251,15 @@ class ParallelBlock(nn.Module):
         """One new token per row: x (batch, dim) -> (batch, dim). The same computation as
         ``forward`` with a cache and a one-token chunk, on 2-D tensors and with fewer small
         ops: at batch 1 a decode step is mostly per-op overhead besides the weight stream.
-        ``rotary``: (rotation, xscale, cos, sin). Either the rotation as a matrix (rows or 1,
-        dim_head, dim_head), so that one matmul rotates every head (see
+        ``rotary``: (rotation, xscale, cos, sin, starts). Either the rotation as a matrix (rows
+        or 1, dim_head, dim_head), so that one matmul rotates every head (see
         :meth:`Rotary.rotation`), and the xPos scale or None; or, when :meth:`PaLM.forward_cached`
-        chose the C kernel (``kernels.cpu_decode``), one cos and one sin row shared by all rows,
-        and everything between the two projections is one kernel call."""
+        chose the C kernel (``kernels.cpu_decode``), cos and sin rows (one for all rows or one
+        per row) and each row's first attended slot (None: slot 0), and everything between the
+        two projections is one kernel call."""
         b = x.shape[0]
         h, d = self.heads, self.dim_head
-        rotation, xscale, cos, sin = rotary
+        rotation, xscale, cos, sin, starts = rotary
         normed = F.layer_norm(x, x.shape[-1:], self.norm.weight)
         int8 = self.int8_weights() if b <= cpu_linear.INT8_MAX_ROWS else None
         if int8 is not None:
@@ -268,7 +269,9 @@ class ParallelBlock(nn.Module):
         if lora is not None:
             fused = fused + lora.fused(normed)
         if cos is not None:
-            both = cpu_decode.attn_swiglu(fused, cos, sin, *cache, cache_pos, h, self.ff_inner, self.scale)
+            both = cpu_decode.attn_swiglu(
+                fused, cos, sin, *cache, cache_pos, h, self.ff_inner, self.scale, 0 if starts is None else starts
+            )
             return self._decode_out(x, both, int8, lora)
         qk, v, ff = fused.split((self.attn_inner + d, d, 2 * self.ff_inner), dim=-1)
         qk = qk.view(b, h + 1, d)
@@ -295,7 +298,14 @@ class ParallelBlock(nn.Module):
         return self._decode_out(x, torch.cat((out, dispatch.swiglu(ff)), dim=-1), int8, lora)
 
     def decode_kernel(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: tuple, cache_pos: int, merged: torch.Tensor
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: tuple,
+        cache_pos: int,
+        merged: torch.Tensor,
+        starts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """:meth:`decode_one` on its leanest path, four calls per layer: the norm, the fused
         input projection (oneDNN, reordered weight), the C kernel for everything up to the
@@ -307,7 +317,9 @@ class ParallelBlock(nn.Module):
             torch.layer_norm(x, x.shape[-1:], params["weight"]),
             self._modules["fused_attn_ff_proj"]._parameters["weight"],
         )
-        both = cpu_decode.attn_swiglu_unchecked(fused, cos, sin, cache, cache_pos, self.heads, self.ff_inner, self.scale)
+        both = cpu_decode.attn_swiglu_unchecked(
+            fused, cos, sin, cache, cache_pos, self.heads, self.ff_inner, self.scale, starts
+        )
         return cpu_linear.linear_packed_add(both, merged, x)
 
     def kernel_weights(self) -> torch.Tensor | None:
@@ -693,10 +705,13 @@ class PaLM(nn.Module):
         finetune_scope: str | None = None,
         disable_lora: bool = False,
         last_only: bool = True,
+        row_start: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run ``x`` (batch, n) at ``positions`` (batch, n) against the KV caches, writing its
         keys/values at slots ``[cache_pos, cache_pos + n)``. Returns logits of the last position
-        (batch, num_tokens) when ``last_only``, else (batch, n, num_tokens)."""
+        (batch, num_tokens) when ``last_only``, else (batch, n, num_tokens). ``row_start``
+        (batch,), with a ``decode_mask`` that is exactly ``slot >= row_start`` per row (a
+        left-padded batch), lets a one-token step take the C kernel path."""
         loras = self._lora_layers(finetune_scope, disable_lora)
         dropout = self.training and any(layer.attn_dropout or layer.ff_dropout.p for layer in self.layers)
         if x.shape[1] == 1 and attn_mask is None and not dropout:
@@ -704,25 +719,26 @@ class PaLM(nn.Module):
             cos, sin, xscale = self.rotary.lookup(positions, h.dtype, max_position=cache_pos)
             if (
                 xscale is None
-                and decode_mask is None
-                and positions.shape[0] == 1
+                and (decode_mask is None or row_start is not None)
                 and not self.config.qk_rmsnorm
                 and all(lora is None for lora in loras)
                 and not dispatch.triton_enabled_for(h)
                 and cpu_decode.supports(h, caches, cache_pos)
             ):
-                # one C call per layer between the two projections
-                cos, sin = cos[0, 0], sin[0, 0]
+                # one C call per layer between the two projections; rotary rows: one for all
+                # rows, or one per row; first attended slots: 0, or one per row
+                cos, sin = (cos[0, 0], sin[0, 0]) if positions.shape[0] == 1 else (cos[:, 0], sin[:, 0])
+                starts = None if decode_mask is None else row_start.to(torch.int64).contiguous()
                 merged = [layer.kernel_weights() for layer in self.layers]
                 if all(w is not None for w in merged):
                     for layer, cache, w in zip(self.layers, caches, merged):
-                        h = layer.decode_kernel(h, cos, sin, cache, cache_pos, w)
+                        h = layer.decode_kernel(h, cos, sin, cache, cache_pos, w, starts)
                     logits = cpu_linear.linear(self.norm(h), self.token_emb.weight)
                     return logits if last_only else logits[:, None]
-                rotary = (None, None, cos, sin)
+                rotary = (None, None, cos, sin, starts)
             else:
                 rotation = self.rotary.rotation(cos[:, 0], sin[:, 0])
-                rotary = (rotation, None if xscale is None else xscale[:, 0, None], None, None)
+                rotary = (rotation, None if xscale is None else xscale[:, 0, None], None, None, None)
             for layer, lora, cache in zip(self.layers, loras, caches):
                 h = layer.decode_one(h, rotary, cache, cache_pos, lora=lora, decode_mask=decode_mask)
             logits = cpu_linear.linear(self.norm(h), self.token_emb.weight)

@@ -14,7 +14,8 @@
  *     out[r] = [softmax(scale * rotate(q_j) . K[r, start..pos]) V[r, start..pos] for each head j
  *               | value * silu(gate)]
  * where rotate(x)[i] = x[i] * cos[i] + x[(i + d/2) % d] * sin[i] (sin sign-folded, as in
- * palm_rlhf.model.Rotary) and cos/sin are one row shared by all rows.
+ * palm_rlhf.model.Rotary), cos/sin are one row shared by all rows or one per row, and the
+ * first attended slot `start` is shared or given per row (left-padded batches).
  *
  * Two element types: float32 and bfloat16 (rounded to nearest even on store). Arithmetic is
  * float32 throughout; bfloat16 is rounded only where a tensor is written.
@@ -223,21 +224,29 @@ INLINE void swiglu(const float *value, const float *gate, float *out, long n) {
     for (long i = 0; i < n; i++) out[i] = value[i] * (gate[i] / (1.f + fast_exp(-gate[i])));
 }
 
-INLINE int decode(const void *fused, long fused_rs, const void *cos_t, const void *sin_t, void *k_cache, void *v_cache,
-                  long kv_rs, long kv_ts, long start, long pos, long rows, long heads, long d, long ff, float scale,
-                  void *out, long out_rs, int bf16) {
-    if (d <= 0 || d > MAX_HEAD_DIM || d % 2 || start < 0 || start > pos) return -1;
+INLINE int decode(const void *fused, long fused_rs, const void *cos_t, const void *sin_t, long cs_rs, void *k_cache,
+                  void *v_cache, long kv_rs, long kv_ts, long start, const int64_t *starts, long pos, long rows,
+                  long heads, long d, long ff, float scale, void *out, long out_rs, int bf16) {
+    if (d <= 0 || d > MAX_HEAD_DIM || d % 2 || pos < 0) return -1;
+    for (long r = 0; r < rows; r++) {
+        const long s0 = starts ? (long)starts[r] : start;
+        if (s0 < 0 || s0 > pos) return -1;
+    }
     const size_t es = bf16 ? 2 : 4;
-    const long n = pos - start + 1, width = heads * d + 2 * d + 2 * ff, out_width = heads * d + ff;
+    const long n_max = pos + 1, width = heads * d + 2 * d + 2 * ff, out_width = heads * d + ff;
     float cs_buf[MAX_HEAD_DIM], sn_buf[MAX_HEAD_DIM], kv[MAX_HEAD_DIM];
-    const float *cs = load_row(cos_t, cs_buf, d, bf16), *sn = load_row(sin_t, sn_buf, d, bf16);
     /* scratch: the row in float32, rotated queries, scores, the output row and, for
      * bfloat16, the attended keys and values in float32 */
-    const long kv_scratch = bf16 ? 2 * n * d : 0;
-    float *xbuf = malloc(sizeof(float) * (size_t)(width + heads * d + heads * n + out_width + kv_scratch));
+    const long kv_scratch = bf16 ? 2 * n_max * d : 0;
+    float *xbuf = malloc(sizeof(float) * (size_t)(width + heads * d + heads * n_max + out_width + kv_scratch));
     if (!xbuf) return -2;
-    float *q = xbuf + width, *scores = q + heads * d, *o = scores + heads * n, *kf = o + out_width, *vf = kf + n * d;
+    float *q = xbuf + width, *scores = q + heads * d, *o = scores + heads * n_max, *kf = o + out_width,
+          *vf = kf + n_max * d;
     for (long r = 0; r < rows; r++) {
+        /* this row's first valid slot and rotary row (cs_rs = 0: one row shared by all) */
+        const long row_start = starts ? (long)starts[r] : start, n = pos - row_start + 1;
+        const float *cs = load_row((const char *)cos_t + (size_t)(r * cs_rs) * es, cs_buf, d, bf16);
+        const float *sn = load_row((const char *)sin_t + (size_t)(r * cs_rs) * es, sn_buf, d, bf16);
         char *kr = (char *)k_cache + (size_t)(r * kv_rs) * es, *vr = (char *)v_cache + (size_t)(r * kv_rs) * es;
         const float *x = load_row((const char *)fused + (size_t)(r * fused_rs) * es, xbuf, width, bf16);
         for (long j = 0; j < heads; j++) rotate(x + j * d, cs, sn, q + j * d, d, scale);
@@ -248,12 +257,12 @@ INLINE int decode(const void *fused, long fused_rs, const void *cos_t, const voi
                (size_t)d * es);
         if (bf16) {
             for (long t = 0; t < n; t++) {
-                load_row(kr + (size_t)((start + t) * kv_ts) * es, kf + t * d, d, 1);
-                load_row(vr + (size_t)((start + t) * kv_ts) * es, vf + t * d, d, 1);
+                load_row(kr + (size_t)((row_start + t) * kv_ts) * es, kf + t * d, d, 1);
+                load_row(vr + (size_t)((row_start + t) * kv_ts) * es, vf + t * d, d, 1);
             }
             attend_any(q, kf, vf, d, n, heads, scores, o, d);
         } else {
-            const float *K = (const float *)kr + start * kv_ts, *V = (const float *)vr + start * kv_ts;
+            const float *K = (const float *)kr + row_start * kv_ts, *V = (const float *)vr + row_start * kv_ts;
             attend_any(q, K, V, kv_ts, n, heads, scores, o, d);
         }
         const float *value = x + heads * d + 2 * d;
@@ -265,20 +274,22 @@ INLINE int decode(const void *fused, long fused_rs, const void *cos_t, const voi
 }
 
 /* The entry point. `a` holds, as 64-bit integers: 0 float32 / 1 bfloat16, fused, fused row
- * stride, cos, sin, k_cache, v_cache, cache row stride, cache slot stride, start, pos, rows,
- * heads, dim_head, ff, out, out row stride (pointers as addresses, strides in elements).
- * One array instead of seventeen arguments: the call from Python is several times cheaper.
- * Returns 0 on success, -1 for a bad dim_head or slot range, -2 when out of memory. */
+ * stride, cos, sin, cos/sin row stride (0: one row for all), k_cache, v_cache, cache row
+ * stride, cache slot stride, start, starts (per-row first slots, int64, or 0 for `start`),
+ * pos, rows, heads, dim_head, ff, out, out row stride (pointers as addresses, strides in
+ * elements). One array instead of nineteen arguments: the call from Python is several
+ * times cheaper. Returns 0 on success, -1 for a bad dim_head or slot range, -2 when out of
+ * memory. */
 #if defined(PALM_PORTABLE) && defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
 /* a portable build: one copy per x86-64 level, the best one picked when the library loads */
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #endif
 int palm_attn_swiglu(const int64_t *a, float scale) {
     return decode((const void *)(intptr_t)a[1], (long)a[2], (const void *)(intptr_t)a[3],
-                  (const void *)(intptr_t)a[4], (void *)(intptr_t)a[5], (void *)(intptr_t)a[6], (long)a[7],
-                  (long)a[8], (long)a[9], (long)a[10], (long)a[11], (long)a[12], (long)a[13], (long)a[14], scale,
-                  (void *)(intptr_t)a[15], (long)a[16], a[0] != 0);
+                  (const void *)(intptr_t)a[4], (long)a[5], (void *)(intptr_t)a[6], (void *)(intptr_t)a[7],
+                  (long)a[8], (long)a[9], (long)a[10], (const int64_t *)(intptr_t)a[11], (long)a[12], (long)a[13],
+                  (long)a[14], (long)a[15], (long)a[16], scale, (void *)(intptr_t)a[17], (long)a[18], a[0] != 0);
 }
 
 /* A version number the loader checks, so that a stale cached build is never used. */
-int palm_cpu_decode_abi(void) { return 2; }
+int palm_cpu_decode_abi(void) { return 3; }

@@ -55,6 +55,26 @@ def test_kernel_matches_the_pytorch_computation(dtype, heads, d, ff, rows, pos, 
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_row_first_slots_and_rotary_rows_match_the_pytorch_computation(dtype):
+    """A left-padded batch: each row attends from its own first slot, at its own position."""
+    rows, heads, d, ff, pos = 4, 3, 16, 24, 30
+    fused, _, _, k, v = inputs(rows, heads, d, ff, 40, dtype, seed=3)
+    angle = torch.rand(rows, d // 2, generator=torch.Generator().manual_seed(4)) * 6
+    cos = torch.cat((angle.cos(), angle.cos()), dim=-1).to(dtype)
+    sin = torch.cat((-angle.sin(), angle.sin()), dim=-1).to(dtype)
+    starts = torch.tensor([0, 7, 30, 12])
+    k_ref, v_ref = k.double(), v.double()
+    want = cpu_decode.reference(fused.double(), cos.double(), sin.double(), k_ref, v_ref, pos, heads, ff, 0.25, starts)
+    got = cpu_decode.attn_swiglu(fused, cos, sin, k, v, pos, heads, ff, 0.25, start=starts)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+    torch.testing.assert_close(k.double(), k_ref, rtol=tol, atol=tol)
+    # the rows differ: one row's answer is not another's with a different start
+    assert not torch.allclose(got[1], got[3])
+
+
+@needs_kernel
 def test_keys_before_start_are_not_attended():
     fused, cos, sin, k, v = inputs(1, 2, 16, 8, 20, torch.float32)
     a = cpu_decode.attn_swiglu(fused, cos, sin, k.clone(), v.clone(), 10, 2, 8, 0.3, start=4)
@@ -97,6 +117,52 @@ def test_generation_with_the_kernel_equals_the_pytorch_path(n, temperature, seed
 
 
 @needs_kernel
+def test_mixed_length_prompts_and_a_continuous_batch_give_the_pytorch_paths_tokens(request, monkeypatch):
+    from palm_rlhf import DecodeSession
+
+    rows_seen = []
+    real = cpu_decode.attn_swiglu_unchecked
+
+    def spy(fused, *a, **k):
+        rows_seen.append(fused.shape[0])
+        return real(fused, *a, **k)
+
+    monkeypatch.setattr(cpu_decode, "attn_swiglu_unchecked", spy)
+    model = tiny()
+    prompts = [[3, 1, 4, 1, 5, 9, 2, 6], [2, 7], [1, 8, 2, 8, 1]]
+    params = SamplingParams(max_new_tokens=12, temperature=0)
+
+    def session_run():
+        session, out = DecodeSession(model), {}
+        session.add([prompts[0]], params, tag=0)
+        step = 0
+        while session:
+            if step in (2, 5):  # later prompts join a running, left-padded batch
+                session.add([prompts[1 if step == 2 else 2]], params, tag=1 if step == 2 else 2)
+            for ev in session.step():
+                out.setdefault(ev.row.tag, []).append((ev.token, ev.logprob))
+            step += 1
+        return out
+
+    batched = generate_tokens(model, prompts, params)
+    assert max(rows_seen) == 3  # the left-padded batch of three prompt lengths ran in the kernel
+    rows_seen.clear()
+    joined = session_run()
+    assert max(rows_seen) == 3  # and so did the session once the later prompts had joined
+    request.getfixturevalue("kernel_off")
+    want_batched, want_joined = generate_tokens(model, prompts, params), session_run()
+    for a, b in zip(batched, want_batched):
+        assert a[0].token_ids == b[0].token_ids
+        torch.testing.assert_close(torch.tensor(a[0].logprobs), torch.tensor(b[0].logprobs), rtol=1e-4, atol=1e-4)
+    for tag in want_joined:
+        assert [t for t, _ in joined[tag]] == [t for t, _ in want_joined[tag]]
+        torch.testing.assert_close(
+            torch.tensor([lp for _, lp in joined[tag]]), torch.tensor([lp for _, lp in want_joined[tag]]),
+            rtol=1e-4, atol=1e-4,
+        )
+
+
+@needs_kernel
 def test_bfloat16_decoding_with_the_kernel_stays_close_to_the_pytorch_path(request):
     model = tiny(torch.bfloat16)
     with_kernel = run(model)[0]
@@ -115,7 +181,7 @@ def test_bfloat16_decoding_with_the_kernel_stays_close_to_the_pytorch_path(reque
 
 
 @needs_kernel
-def test_the_engine_runs_the_kernel_for_one_prompt_and_not_for_padded_batches(monkeypatch):
+def test_the_engine_runs_the_kernel_for_one_prompt_and_for_padded_batches_but_not_with_lora(monkeypatch):
     calls = []
     real = cpu_decode.attn_swiglu_unchecked
     monkeypatch.setattr(cpu_decode, "attn_swiglu_unchecked", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -124,7 +190,7 @@ def test_the_engine_runs_the_kernel_for_one_prompt_and_not_for_padded_batches(mo
     assert len(calls) == 4 * model.config.depth  # every decode step after the prefill, every layer
     calls.clear()
     generate_tokens(model, [[1, 2, 3], [4, 5]], SamplingParams(max_new_tokens=5, temperature=0))
-    assert not calls  # different prompt lengths need a key mask: the PyTorch path
+    assert len(calls) == 4 * model.config.depth  # left-padded rows: per-row first slots and positions
     calls.clear()
     model.add_finetune_params("actor", lora_r=2)
     generate_tokens(model, [[1, 2, 3]], SamplingParams(max_new_tokens=5, temperature=0), finetune_scope="actor")
