@@ -236,6 +236,8 @@ def supports(rows: torch.Tensor, caches, pos: int) -> bool:
         and d <= MAX_HEAD_DIM
         and d % 2 == 0
         and rows.shape[0] * (pos + 1) <= MAX_WORK
+        and pos < k0.shape[-2]
+        and k0.shape[0] == rows.shape[0]
         and all(k.dtype == v.dtype == rows.dtype and k.stride() == v.stride() == strides for k, v in caches)
         and available()
     )
@@ -261,8 +263,14 @@ def _call(lib, fused, cos, sin, k_cache, v_cache, pos, heads, ff, scale, start=0
         raise ValueError(f"cos/sin must be ({d},) or ({rows}, {d}), got {tuple(cos.shape)}")
     if out is None:
         out = torch.empty(rows, heads * d + ff, dtype=fused.dtype)
-    if k_cache.stride() != v_cache.stride():
-        raise ValueError("k/v caches must share strides")
+    if k_cache.stride() != v_cache.stride() or k_cache.shape != v_cache.shape or k_cache.stride(-1) != 1:
+        raise ValueError("k/v caches must have one shape and strides, with contiguous head rows")
+    if k_cache.dim() != 4 or k_cache.shape[0] != rows or not 0 <= pos < k_cache.shape[-2]:
+        raise ValueError(f"caches must be ({rows}, 1, slots, {d}) with slot {pos} inside them")
+    if fused.shape[-1] != heads * d + 2 * d + 2 * ff or fused.dim() != 2:
+        raise ValueError(f"fused rows must hold {heads * d + 2 * d + 2 * ff} values, got {tuple(fused.shape)}")
+    if not (fused.dtype == k_cache.dtype == v_cache.dtype == cos.dtype == sin.dtype) or fused.dtype not in DTYPES:
+        raise ValueError("fused, caches, cos and sin must share one dtype, float32 or bfloat16")
     starts = None
     if isinstance(start, torch.Tensor):
         starts = start.to(torch.int64).contiguous()

@@ -252,3 +252,17 @@ def test_a_portable_prebuilt_library_is_used_where_nothing_compiles(monkeypatch,
     finally:
         monkeypatch.undo()
         cpu_decode.reset()
+
+
+@needs_kernel
+def test_the_checked_entry_point_refuses_what_would_write_out_of_bounds():
+    fused, cos, sin, k, v = inputs(2, 2, 16, 8, 20, torch.float32)
+    with pytest.raises(ValueError, match="slot 20"):
+        cpu_decode.attn_swiglu(fused, cos, sin, k, v, 20, 2, 8, 0.3)  # the caches hold slots 0-19
+    with pytest.raises(ValueError, match="fused rows"):
+        cpu_decode.attn_swiglu(fused[:, :-1], cos, sin, k, v, 5, 2, 8, 0.3)
+    with pytest.raises(ValueError, match="caches must be"):
+        cpu_decode.attn_swiglu(fused, cos, sin, k[:1], v[:1], 5, 2, 8, 0.3)
+    with pytest.raises(ValueError, match="one dtype"):
+        cpu_decode.attn_swiglu(fused, cos, sin, k.bfloat16(), v.bfloat16(), 5, 2, 8, 0.3)
+    assert not cpu_decode.supports(fused, [(k, v)], 20)
