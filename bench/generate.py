@@ -103,7 +103,7 @@ def _decode_weights(model) -> list[torch.Tensor]:
     return order
 
 
-def _gemv_kinds(dtype: torch.dtype) -> dict:
+def _gemv_kinds() -> dict:
     """GEMV entry points, each as (prepare weight, apply to a (1, in) row)."""
     kinds = {
         "F.linear, output-major": (lambda w: w.contiguous(), lambda x, w: F.linear(x, w)),
@@ -124,7 +124,7 @@ def floor_runners(model: torch.nn.Module, dtype: torch.dtype, passes: int = FLOO
     bandwidth no GEMV can beat. Returns the runners, the bytes per pass and the chosen kind
     per shape."""
     order = _decode_weights(model)
-    kinds = _gemv_kinds(dtype)
+    kinds = _gemv_kinds()
     xs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=dtype) for w in order}
     chosen = {}
     for shape in sorted({tuple(w.shape) for w in order}):

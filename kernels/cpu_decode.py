@@ -253,7 +253,26 @@ def _args():
     return a
 
 
-def _call(lib, fused, cos, sin, k_cache, v_cache, pos, heads, ff, scale, start=0, out=None):
+def _invoke(fn, fused, cos, sin, k_cache, v_cache, pos, heads, ff, scale, start, starts):
+    """One kernel call on already checked tensors; returns the new [attention | SwiGLU] rows."""
+    rows, d = fused.shape[0], k_cache.shape[-1]
+    width = heads * d + ff
+    out = torch.empty(rows, width, dtype=fused.dtype)
+    strides = k_cache.stride()
+    a = _args()
+    a[:] = (
+        DTYPES[fused.dtype], fused.data_ptr(), fused.stride(0), cos.data_ptr(), sin.data_ptr(),
+        d if cos.dim() == 2 else 0, k_cache.data_ptr(), v_cache.data_ptr(), strides[0], strides[-2], start,
+        0 if starts is None else starts.data_ptr(), pos, rows, heads, d, ff, out.data_ptr(), width,
+    )
+    rc = fn(ctypes.addressof(a), scale)
+    if rc != 0:
+        raise RuntimeError(f"CPU decode kernel failed ({rc})")
+    return out
+
+
+def _call(lib, fused, cos, sin, k_cache, v_cache, pos, heads, ff, scale, start=0):
+    """Check the tensors (a wrong shape would make the kernel write out of bounds), then run."""
     rows = fused.shape[0]
     d = k_cache.shape[-1]
     if fused.stride(-1) != 1:
@@ -261,8 +280,6 @@ def _call(lib, fused, cos, sin, k_cache, v_cache, pos, heads, ff, scale, start=0
     cos, sin = cos.contiguous(), sin.contiguous()
     if cos.shape != sin.shape or cos.shape[-1] != d or (cos.dim() == 2 and cos.shape[0] != rows) or cos.dim() > 2:
         raise ValueError(f"cos/sin must be ({d},) or ({rows}, {d}), got {tuple(cos.shape)}")
-    if out is None:
-        out = torch.empty(rows, heads * d + ff, dtype=fused.dtype)
     if k_cache.stride() != v_cache.stride() or k_cache.shape != v_cache.shape or k_cache.stride(-1) != 1:
         raise ValueError("k/v caches must have one shape and strides, with contiguous head rows")
     if k_cache.dim() != 4 or k_cache.shape[0] != rows or not 0 <= pos < k_cache.shape[-2]:
@@ -277,17 +294,7 @@ def _call(lib, fused, cos, sin, k_cache, v_cache, pos, heads, ff, scale, start=0
         if starts.shape != (rows,):
             raise ValueError(f"start must be an int or one slot per row ({rows},), got {tuple(starts.shape)}")
         start = 0
-    a = _args()
-    a[:] = (
-        DTYPES[fused.dtype], fused.data_ptr(), fused.stride(0), cos.data_ptr(), sin.data_ptr(),
-        cos.stride(0) if cos.dim() == 2 else 0, k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0),
-        k_cache.stride(-2), start, 0 if starts is None else starts.data_ptr(), pos, rows, heads, d, ff,
-        out.data_ptr(), out.stride(0),
-    )
-    rc = lib.palm_attn_swiglu(ctypes.addressof(a), scale)
-    if rc != 0:
-        raise RuntimeError(f"CPU decode kernel failed ({rc})")
-    return out
+    return _invoke(lib.palm_attn_swiglu, fused, cos, sin, k_cache, v_cache, pos, heads, ff, scale, start, starts)
 
 
 def attn_swiglu(fused, cos, sin, k_cache, v_cache, pos: int, heads: int, ff: int, scale: float, start=0):
@@ -307,21 +314,7 @@ def attn_swiglu_unchecked(fused, cos, sin, cache, pos: int, heads: int, ff: int,
     contiguous ``cos``/``sin``, one row or one per row; ``starts``: None or a contiguous int64
     tensor, one first slot per row; the caches of one layer of a KV cache), with less per-call
     work."""
-    k_cache, v_cache = cache
-    rows, d = fused.shape[0], k_cache.shape[-1]
-    width = heads * d + ff
-    out = torch.empty(rows, width, dtype=fused.dtype)
-    strides = k_cache.stride()
-    a = _tls.__dict__.get("args") or _args()
-    a[:] = (
-        DTYPES[fused.dtype], fused.data_ptr(), fused.shape[1], cos.data_ptr(), sin.data_ptr(),
-        d if cos.dim() == 2 else 0, k_cache.data_ptr(), v_cache.data_ptr(), strides[0], strides[-2], 0,
-        0 if starts is None else starts.data_ptr(), pos, rows, heads, d, ff, out.data_ptr(), width,
-    )
-    rc = _state["fn"](ctypes.addressof(a), scale)
-    if rc != 0:
-        raise RuntimeError(f"CPU decode kernel failed ({rc})")
-    return out
+    return _invoke(_state["fn"], fused, cos, sin, *cache, pos, heads, ff, scale, 0, starts)
 
 
 def main(argv=None) -> int:

@@ -121,18 +121,24 @@ def _packed(weight: torch.Tensor) -> torch.Tensor:
     return packed
 
 
+def _takes_reordered(weight: torch.Tensor, *tensors: torch.Tensor) -> bool:
+    """Whether a matmul of ``weight`` with ``tensors`` (its input, a residual) goes through
+    the reordered oneDNN weight: CPU, float32 or bfloat16 throughout, no autograd."""
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype in PACKED_DTYPES
+        and weight.dim() == 2
+        and all(t.dtype == weight.dtype for t in tensors)
+        and tensors[0].numel() > 0
+        and not (torch.is_grad_enabled() and (weight.requires_grad or any(t.requires_grad for t in tensors)))
+        and enabled()
+    )
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``F.linear(x, weight)`` without bias, through the reordered oneDNN weight when no
     gradient is needed (float32 or bfloat16 on the CPU), else through ``F.linear``."""
-    if (
-        weight.device.type == "cpu"
-        and weight.dtype in PACKED_DTYPES
-        and x.dtype == weight.dtype
-        and weight.dim() == 2
-        and x.numel()
-        and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
-        and enabled()
-    ):
+    if _takes_reordered(weight, x):
         rows = x.numel() // weight.shape[1]
         out = _apply(x.reshape(rows, weight.shape[1]), _packed(weight))
         return out.view(*x.shape[:-1], weight.shape[0])
@@ -142,22 +148,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def linear_add(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """``residual + F.linear(x, weight)`` as one oneDNN call (the add rides in the matmul) where
     :func:`linear` would take the reordered path; a new tensor either way."""
-    if (
-        weight.device.type == "cpu"
-        and weight.dtype in PACKED_DTYPES
-        and x.dtype == weight.dtype == residual.dtype
-        and weight.dim() == 2
-        and x.numel()
-        and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad or residual.requires_grad))
-        and enabled()
-    ):
+    shape = (*x.shape[:-1], weight.shape[0])
+    if residual.shape == shape and _takes_reordered(weight, x, residual):
         rows = x.numel() // weight.shape[1]
-        shape = (*x.shape[:-1], weight.shape[0])
-        if residual.shape == shape:
-            out = torch.ops.mkldnn._linear_pointwise.binary(
-                x.reshape(rows, weight.shape[1]), residual.reshape(rows, weight.shape[0]), _packed(weight), None, "add"
-            )
-            return out.view(shape)
+        out = linear_packed_add(x.reshape(rows, weight.shape[1]), weight, residual.reshape(rows, weight.shape[0]))
+        return out.view(shape)
     return residual + linear(x, weight)
 
 
