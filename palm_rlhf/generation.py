@@ -5,8 +5,11 @@ rotary positions, and padded key slots are masked. Each unique prompt is prefill
 its cache copied to its ``n`` samples, so best-of-n costs one prefill and one batched decode.
 Sampling parameters may differ per prompt (temperature, top-k, top-p, stop ids, length, seed).
 
-Returned log-probs are those of the sampled tokens under the model's own distribution
-(temperature 1, no filtering): the quantity PPO and the KL penalty need.
+Every sampled token comes with two log-probs: ``logprobs``, under the model's own distribution
+(temperature 1, no filtering: what a KL to a reference model compares), and, from
+:func:`generate_tokens`, ``sampled_logprobs``, under the distribution it was actually drawn
+from (``logits / temperature`` restricted to the top-k / top-p set and renormalised: the
+behaviour policy of an RL update, see :func:`sampling_keep_mask`).
 """
 
 from __future__ import annotations
@@ -53,8 +56,11 @@ class SamplingParams:
 @dataclass
 class Completion:
     token_ids: list[int]  # the sampled tokens, a final stop token included
-    logprobs: list[float]  # one per token
+    logprobs: list[float]  # one per token, under the model's own distribution (temperature 1)
     finish_reason: str  # "stop" (a stop token) or "length" (max_new_tokens)
+    # one per token, under the distribution sampled (temperature, top-k, top-p, logits
+    # processor applied; 0 for greedy rows); [] where not recorded
+    sampled_logprobs: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -103,6 +109,39 @@ def _row_generator(params: SamplingParams, sample: int, prompt: Sequence[int], d
     return g
 
 
+def sampling_keep_mask(
+    scaled: torch.Tensor,
+    top_k: torch.Tensor | int | None = None,
+    top_p: torch.Tensor | float | None = None,
+) -> torch.Tensor:
+    """The tokens that top-k and then top-p (nucleus) sampling keep: a (rows, vocab) bool mask
+    for temperature-scaled logits ``scaled`` (rows, vocab).
+
+    ``top_k`` / ``top_p`` are per-row (rows,) tensors or one number for every row; a row with
+    ``top_k == 0`` / ``top_p >= 1`` (or None) is not filtered by it. Top-k keeps the ``k``
+    largest logits; top-p then keeps the smallest prefix of the (remaining) tokens, by
+    decreasing probability, whose probability mass reaches ``p``. A token tied with the
+    smallest kept logit is kept too. The sampler and the training forward of an RL update
+    (:func:`palm_rlhf.rl.losses.sampling_logprobs`) share this function, so that old and new
+    log-probs of the PPO ratio are taken under the same transform."""
+    rows, vocab = scaled.shape
+    device = scaled.device
+    sorted_vals, _ = scaled.sort(dim=-1, descending=True)
+    if top_k is not None:
+        k = torch.as_tensor(top_k, device=device).expand(rows)
+        k = torch.where(k > 0, k.clamp(max=vocab), vocab)
+        ranks = torch.arange(vocab, device=device)
+        sorted_vals = sorted_vals.masked_fill(ranks[None] >= k[:, None], float("-inf"))
+    if top_p is not None:
+        p = torch.as_tensor(top_p, dtype=torch.float32, device=device).expand(rows)[:, None]
+        probs_sorted = sorted_vals.softmax(dim=-1)
+        mass_before = probs_sorted.cumsum(dim=-1) - probs_sorted
+        sorted_vals = sorted_vals.masked_fill((mass_before >= p) & (p < 1), float("-inf"))
+    kept = torch.isfinite(sorted_vals).sum(dim=-1).clamp(min=1)
+    cutoff = sorted_vals.gather(-1, (kept - 1)[:, None])  # smallest kept logit per row
+    return scaled >= cutoff
+
+
 class _Sampler:
     def __init__(self, row_params: list[SamplingParams], generators: list[torch.Generator | None], device):
         b = len(row_params)
@@ -123,28 +162,27 @@ class _Sampler:
         self.generators = list(generators)
         self.any_seeded = any(g is not None for g in self.generators)
         self.batch = b
+        # the sampled distribution is the model's own: both log-probs coincide
+        self.identity = self.inv_temps is None and not (
+            self.use_topk or self.use_topp or self.use_proc or self.any_greedy
+        )
 
-    def __call__(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, logits: torch.Tensor, with_sampled: bool = False):
+        """(tokens, log-probs under the model's own distribution) for (batch, vocab) logits;
+        with ``with_sampled`` also the log-probs under the distribution sampled (0 for greedy
+        rows, whose distribution is a point mass)."""
         logits = logits.float()  # (batch, vocab)
         logp = F.log_softmax(logits, dim=-1)
         if self.all_greedy:
             greedy_tok = logits.argmax(dim=-1)
-            return greedy_tok, logp.gather(-1, greedy_tok[:, None]).squeeze(-1)
+            lp = logp.gather(-1, greedy_tok[:, None]).squeeze(-1)
+            return (greedy_tok, lp, torch.zeros_like(lp)) if with_sampled else (greedy_tok, lp)
         scaled = logits if self.inv_temps is None else logits * self.inv_temps
         if self.use_topk or self.use_topp:
-            sorted_vals, _ = scaled.sort(dim=-1, descending=True)
-            vocab = scaled.shape[-1]
-            if self.use_topk:
-                k = torch.where(self.topk > 0, self.topk.clamp(max=vocab), vocab)
-                ranks = torch.arange(vocab, device=scaled.device)
-                sorted_vals = sorted_vals.masked_fill(ranks[None] >= k[:, None], float("-inf"))
-            if self.use_topp:
-                probs_sorted = sorted_vals.softmax(dim=-1)
-                mass_before = probs_sorted.cumsum(dim=-1) - probs_sorted
-                sorted_vals = sorted_vals.masked_fill(mass_before >= self.topp[:, None], float("-inf"))
-            kept = torch.isfinite(sorted_vals).sum(dim=-1).clamp(min=1)
-            cutoff = sorted_vals.gather(-1, (kept - 1)[:, None])  # smallest kept logit per row
-            scaled = scaled.masked_fill(scaled < cutoff, float("-inf"))
+            keep = sampling_keep_mask(
+                scaled, self.topk if self.use_topk else None, self.topp if self.use_topp else None
+            )
+            scaled = scaled.masked_fill(~keep, float("-inf"))
         if self.use_proc:
             rows = [proc(scaled[i : i + 1]) if proc is not None else scaled[i : i + 1] for i, proc in enumerate(self.processors)]
             scaled = torch.cat(rows, dim=0)
@@ -159,7 +197,15 @@ class _Sampler:
         tok = (probs / noise).argmax(dim=-1)
         if self.any_greedy:
             tok = torch.where(self.greedy, logits.argmax(dim=-1), tok)
-        return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
+        lp = logp.gather(-1, tok[:, None]).squeeze(-1)
+        if not with_sampled:
+            return tok, lp
+        if self.identity:
+            return tok, lp, lp
+        sampled = F.log_softmax(scaled, dim=-1).gather(-1, tok[:, None]).squeeze(-1)
+        if self.any_greedy:
+            sampled = torch.where(self.greedy, torch.zeros_like(sampled), sampled)
+        return tok, lp, sampled
 
 
 def _normalize(model, prompts, params):
@@ -198,6 +244,7 @@ class _Run:
         self.rows = rows
         self.tokens = torch.zeros(b, max_new, dtype=torch.long, device=device)
         self.logprobs = torch.zeros(b, max_new, dtype=torch.float32, device=device)
+        self.sampled_logprobs = torch.zeros(b, max_new, dtype=torch.float32, device=device)
         self.length = torch.zeros(b, dtype=torch.long, device=device)  # tokens produced per row
         self.stopped = torch.zeros(b, dtype=torch.bool, device=device)  # finished on a stop token
 
@@ -281,9 +328,10 @@ def _decode(model, prompts, params, finetune_scope, disable_lora, use_tqdm) -> I
         steps = tqdm(steps, desc="generating", unit="tok")
     pos = plen
     for step in steps:
-        tok, lp = sampler(logits)
+        tok, lp, sampled_lp = sampler(logits, with_sampled=True)
         run.tokens[:, step] = tok
         run.logprobs[:, step] = lp
+        run.sampled_logprobs[:, step] = sampled_lp
         hit_stop = (tok[:, None] == stop_ids).any(dim=-1) if has_stops else no_stop
         hit_len = row_max_new <= step + 1 if not same_length or step + 1 == max_new else no_stop
         was_done = done
@@ -353,11 +401,13 @@ def generate_tokens(
         pass
     lengths = run.length.tolist()
     stopped = run.stopped.tolist()
-    toks, lps = run.tokens.tolist(), run.logprobs.tolist()
+    toks, lps, slps = run.tokens.tolist(), run.logprobs.tolist(), run.sampled_logprobs.tolist()
     grouped: list[list[Completion]] = [[] for _ in range(len(prompts))]
     for r, (pi, _) in enumerate(run.rows):
         n = lengths[r]
-        grouped[pi].append(Completion(toks[r][:n], lps[r][:n], "stop" if stopped[r] else "length"))
+        grouped[pi].append(
+            Completion(toks[r][:n], lps[r][:n], "stop" if stopped[r] else "length", slps[r][:n])
+        )
     return grouped
 
 

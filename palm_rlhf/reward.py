@@ -86,22 +86,15 @@ class RewardModel(nn.Module):
 
         self.load_state_dict(load_state_dict(path), strict=False)
 
-    def forward(
+    def pooled_features(
         self,
         x: torch.Tensor,
         mask: torch.Tensor | None = None,
         prompt_mask: torch.Tensor | None = None,
         prompt_lengths: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        sample: bool = False,
-        sample_temperature: float = 1.0,
         disable_lora: bool = False,
-        return_logits: bool = False,
-    ):
-        """x: (batch, seq). ``mask`` marks real tokens (default: all), ``prompt_mask`` or
-        ``prompt_lengths`` the prompt. Without labels: one reward per sequence (batch,), or the
-        bin logits (batch, bins) with ``return_logits``. With labels: the loss (rating
-        cross-entropy for a binned head, mean squared error otherwise)."""
+    ) -> torch.Tensor:
+        """The trunk's output pooled over the response tokens, (batch, dim): what the head reads."""
         b, n = x.shape
         if prompt_mask is not None and prompt_lengths is not None:
             raise ValueError("give prompt_mask or prompt_lengths, not both")
@@ -123,24 +116,48 @@ class RewardModel(nn.Module):
         # a row without response tokens is pooled over all its tokens
         pool = torch.where(response.any(dim=1, keepdim=True), response, valid)
         if self.pooling == "mean":
-            pooled = masked_mean(embeds, pool)
-        else:
-            last = (pool.long() * torch.arange(n, device=x.device)).argmax(dim=1)
-            pooled = embeds[torch.arange(b, device=x.device), last]
+            return masked_mean(embeds, pool)
+        last = (pool.long() * torch.arange(n, device=x.device)).argmax(dim=1)
+        return embeds[torch.arange(b, device=x.device), last]
+
+    def head_logits(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Bin logits (batch, bins) for a binned head, else the reward (batch,)."""
         pred = self.to_pred(pooled)
+        return pred if self.binned_output else pred.squeeze(-1)
+
+    def reward_from_logits(self, pred: torch.Tensor) -> torch.Tensor:
+        """The scalar reward: the expected bin value for a binned head."""
         if not self.binned_output:
-            pred = pred.squeeze(-1)
+            return pred
+        return pred.softmax(dim=-1) @ self.bin_values.to(pred.dtype)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        prompt_mask: torch.Tensor | None = None,
+        prompt_lengths: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        sample: bool = False,
+        sample_temperature: float = 1.0,
+        disable_lora: bool = False,
+        return_logits: bool = False,
+    ):
+        """x: (batch, seq). ``mask`` marks real tokens (default: all), ``prompt_mask`` or
+        ``prompt_lengths`` the prompt. Without labels: one reward per sequence (batch,), or the
+        bin logits (batch, bins) with ``return_logits``. With labels: the loss (rating
+        cross-entropy for a binned head, mean squared error otherwise)."""
+        pooled = self.pooled_features(x, mask, prompt_mask, prompt_lengths, disable_lora=disable_lora)
+        pred = self.head_logits(pooled)
         if labels is not None:
             if self.binned_output:
                 return F.cross_entropy(pred, labels.long())
             return F.mse_loss(pred, labels.to(pred.dtype))
-        if not self.binned_output:
-            return pred
-        if return_logits:
+        if not self.binned_output or return_logits:
             return pred
         if sample:
             return torch.distributions.Categorical(logits=pred / sample_temperature).sample().float()
-        return pred.softmax(dim=-1) @ self.bin_values.to(pred.dtype)
+        return self.reward_from_logits(pred)
 
     def pairwise_loss(
         self,

@@ -44,8 +44,10 @@ def add_up_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ready-timeout", type=float, default=600.0,
                    help="seconds to wait for every service to report ready (the first start may build the demo model)")
     p.add_argument("--api-keys-file", default=env("API_KEYS_FILE"), help="passed to the gateway")
-    p.add_argument("--rate-limit", type=rate_limit_spec, default=rate_limit_spec(env("RATE_LIMIT", "120")),
-                   help="passed to the gateway: requests per minute per API key (or N/s, N/h, off)")
+    p.add_argument("--rate-limit", type=rate_limit_spec,
+                   default=rate_limit_spec(env("RATE_LIMIT", "1200/min:300")),
+                   help="passed to the gateway: request units per minute per API key, a chat completion 1, a "
+                        "feedback row 0.1 (or N/s, N/h, N/s:BURST, off; default 1200/min:300)")
     p.add_argument("--scorer", default=env("SCORER", "learned"), help="passed to the reward service")
 
 

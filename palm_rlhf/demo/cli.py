@@ -100,6 +100,40 @@ def register(subparsers: Any) -> None:
     build.add_argument("--no-progress", action="store_true", help="no progress bar")
     build.set_defaults(func=run_demo_build)
 
+    users = subparsers.add_parser(
+        "demo-users",
+        help="simulated people with a hidden taste chat with a running system and rate its answers",
+        description="Raters with a taste the system is never told (default 'when': they like answers that say "
+        "when) chat through the gateway with several candidates, click thumbs and 'this one is better', and the "
+        "share of served answers they like is measured on questions they never asked, for every policy version "
+        "the gateway serves. Start the system first (bash scripts/up.sh).",
+    )
+    users.add_argument("--url", default="http://127.0.0.1:8000", help="gateway URL (default http://127.0.0.1:8000)")
+    users.add_argument("--taste", default="when", choices=("when", "calm"), help="what the raters like")
+    users.add_argument("--minutes", type=float, default=25.0, help="how long they chat (default 25)")
+    users.add_argument("--raters", type=int, default=4, help="simulated people chatting at once (default 4)")
+    users.add_argument("--measure-prompts", type=int, default=48, help="questions only the measurement asks")
+    users.add_argument("--measure-samples", type=int, default=2, help="seeded answers per measuring question")
+    users.add_argument("--seed", type=int, default=0)
+    users.add_argument("--out", help="write every measurement as JSON here")
+    users.set_defaults(func=run_demo_users)
+
+
+def run_demo_users(args: Any) -> int:
+    from pathlib import Path
+
+    from palm_rlhf.demo.taste import run_raters, save_result
+
+    result = run_raters(args.url, taste=args.taste, minutes=args.minutes, raters=args.raters,
+                        measure_prompts=args.measure_prompts, measure_samples=args.measure_samples, seed=args.seed)
+    if args.out:
+        save_result(result, Path(args.out))
+    first, last = result.measurements[0], result.measurements[-1]
+    print(f"feedback sent: {result.feedback}")
+    print(f"raters like {first.score:.0%} of answers served by {first.policy_version} and {last.score:.0%} of those "
+          f"served by {last.policy_version}")
+    return 0
+
 
 # --- chat ----------------------------------------------------------------------------------
 

@@ -344,7 +344,9 @@ def run_demo_loop(cfg: DemoLoopConfig, say: Callable[[str], None] = print) -> De
     env = dict(os.environ, PYTHONUNBUFFERED="1", PALM_RLHF_ADMIN_TOKEN=token,
                PALM_RLHF_UPDATE_FN="services.trainer.loop:make_update_fn",
                PALM_RLHF_REWARD_SCORER=cfg.reward_scorer, PALM_RLHF_RL_ALGORITHM=cfg.algorithm,
-               PALM_RLHF_RL_MAX_NEW_TOKENS=str(cfg.max_tokens))
+               PALM_RLHF_RL_MAX_NEW_TOKENS=str(cfg.max_tokens),
+               # this demo triggers its rounds itself, one per batch of chats
+               PALM_RLHF_ROUND_AFTER_FEEDBACK="0", PALM_RLHF_ROUND_AFTER_SECONDS="0")
     env.setdefault("PALM_RLHF_RL_LR", "2e-3")
     env.setdefault("PALM_RLHF_EVAL_PROMPTS_FILE", str(gate_file))
     env.setdefault("PALM_RLHF_EVAL_PROMPTS", str(cfg.gate_prompts))  # a few rounds of a few minutes each should show the trend

@@ -80,7 +80,7 @@ def register(subparsers) -> None:
     p.add_argument("--policy", required=True, help="policy checkpoint folder")
     p.add_argument("--reward", required=True, help="reward model checkpoint folder")
     p.add_argument("--prompts", required=True, help="prompts: text (one per line) or JSONL with 'prompt'")
-    p.add_argument("--algorithm", choices=("ppo", "grpo", "rloo"), default="ppo")
+    p.add_argument("--algorithm", choices=("ppo", "grpo", "drgrpo", "rloo"), default="ppo")
     p.add_argument("--update-timesteps", type=int, default=16, help="rollouts (prompts) per update")
     p.add_argument("--group-size", type=int, default=4, help="samples per prompt for grpo/rloo")
     p.add_argument("--epochs", type=int, default=1, help="passes over the rollouts per update")

@@ -267,6 +267,45 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Te
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
 
 
+def is_plain_sampling(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> bool:
+    """True when these sampling settings draw from the model's own distribution."""
+    return temperature == 1.0 and not top_k and top_p >= 1.0
+
+
+def sampling_logprobs(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> torch.Tensor:
+    """Log-prob of ``tokens`` under the distribution the sampler draws from with these settings,
+    in float32: (..., vocab), (...) -> (...).
+
+    That distribution is ``softmax(logits / temperature)`` restricted to the tokens top-k and
+    top-p keep (:func:`palm_rlhf.generation.sampling_keep_mask`, the sampler's own function)
+    and renormalised. The kept set is recomputed from *these* logits, and the token itself is
+    always kept: right after a rollout (same weights) this reproduces the sampler's recorded
+    log-probs exactly, so the PPO ratio starts at 1; after updates a token that left the new
+    top-p set still gets a finite log-prob (its own mass is added to the kept set), which keeps
+    the ratio and its gradient defined. Differentiable in ``logits``."""
+    if not temperature > 0:
+        raise ValueError(f"sampling log-probs need a temperature > 0 (greedy has none), got {temperature!r}")
+    scaled = logits.float()
+    if temperature != 1.0:
+        scaled = scaled * (1.0 / temperature)
+    if top_k or top_p < 1.0:
+        from palm_rlhf.generation import sampling_keep_mask
+
+        vocab = scaled.shape[-1]
+        flat = scaled.reshape(-1, vocab)
+        with torch.no_grad():
+            keep = sampling_keep_mask(flat.detach(), top_k or None, top_p if top_p < 1.0 else None)
+            keep.scatter_(-1, tokens.reshape(-1, 1), True)
+        scaled = flat.masked_fill(~keep, float("-inf")).view_as(scaled)
+    return torch.log_softmax(scaled, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
+
+
 # --- critic-free advantages ----------------------------------------------------------------------
 
 

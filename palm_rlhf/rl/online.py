@@ -9,7 +9,8 @@ every trainer in the project shares.
 The gate (:func:`gate`) guards what users get. A candidate policy is published only if, on
 held-out prompts and held-out human preference pairs,
 
-- its mean reward is not lower than the current policy's by more than a tolerance,
+- its reward is higher than the current policy's on the same prompts and seeds, with
+  confidence (a one-sided paired test on the per-prompt differences, see :func:`paired_gain`),
 - its KL to the frozen reference stays within a budget (the leash holds across versions,
   because it is measured against the reference, not against the previous version),
 - its answers keep a sane length and do not start repeating themselves, and
@@ -21,6 +22,7 @@ held-out prompts and held-out human preference pairs,
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -126,16 +128,40 @@ class PolicyEval:
     num_prompts: int = 0
     num_pairs: int = 0
     samples: list[str] = field(default_factory=list)  # a few answers, for the logs
+    rewards: list[float] = field(default_factory=list)  # mean reward per prompt, in prompt order
 
     def metrics(self, prefix: str) -> dict[str, float]:
         d = asdict(self)
         d.pop("samples")
+        d.pop("rewards")
         return {f"{prefix}{k}": float(v) for k, v in d.items()}
+
+
+def paired_gain(candidate: Sequence[float], current: Sequence[float]) -> tuple[float, float]:
+    """(mean, t statistic) of the per-prompt reward differences candidate - current.
+
+    Both policies answered the same prompts with the same seeds, so the differences are
+    paired; t = mean / (sd / sqrt(n)) (inf when every difference is the same positive
+    number, 0 when there is no difference at all)."""
+    if not candidate or len(candidate) != len(current):
+        return float("nan"), float("nan")
+    d = [a - b for a, b in zip(candidate, current)]
+    n = len(d)
+    mean = sum(d) / n
+    if n < 2:
+        return mean, 0.0
+    var = sum((x - mean) ** 2 for x in d) / (n - 1)
+    if var <= 1e-18:
+        return mean, (math.inf if mean > 0 else 0.0)
+    return mean, mean / math.sqrt(var / n)
 
 
 @dataclass
 class GateConfig:
-    reward_tolerance: float = 0.02  # candidate reward may be this much below the current one
+    # the candidate's reward must beat the current policy's: paired t >= reward_confidence
+    # (1.645: one-sided 95% under a normal approximation) and a mean gain >= min_reward_gain
+    reward_confidence: float = 1.645
+    min_reward_gain: float = 0.0
     kl_budget: float = 12.0  # most KL(candidate || reference) in nats per response
     min_length_ratio: float = 0.5  # mean length within [ratio_min, ratio_max] x the current one
     max_length_ratio: float = 2.0
@@ -166,12 +192,19 @@ def gate(candidate: PolicyEval, current: PolicyEval, cfg: GateConfig) -> GateDec
         if not ok:
             reasons.append(why)
 
+    gain, t = paired_gain(candidate.rewards, current.rewards)
+    if not math.isfinite(gain):  # no per-prompt rewards: compare the means (no confidence)
+        gain, t = candidate.mean_reward - current.mean_reward, math.inf
     check(
         "reward",
         math.isfinite(candidate.mean_reward)
-        and candidate.mean_reward >= current.mean_reward - cfg.reward_tolerance,
-        f"mean reward {candidate.mean_reward:.4f} is below the current {current.mean_reward:.4f} "
-        f"by more than {cfg.reward_tolerance}",
+        and gain > cfg.min_reward_gain
+        and t >= cfg.reward_confidence,
+        f"reward did not improve with confidence: {candidate.mean_reward:.4f} vs the current "
+        f"{current.mean_reward:.4f} (paired gain {gain:+.4f}, t {t:.2f} < {cfg.reward_confidence})"
+        if gain > cfg.min_reward_gain
+        else f"reward {candidate.mean_reward:.4f} is not above the current {current.mean_reward:.4f} "
+        f"(paired gain {gain:+.4f})",
     )
     check(
         "kl",
@@ -215,13 +248,16 @@ def evaluate_policy(
     pairs: Sequence[PreferencePair] = (),
     pair_ref_logps: tuple[torch.Tensor, torch.Tensor] | None = None,
     seed: int = 0,
+    samples_per_prompt: int = 1,
 ) -> PolicyEval:
-    """Sample one answer per held-out prompt (seeded, so two policies meet the same random
-    stream), score them, measure their KL to the reference, length and repetition, and the
-    policy's agreement with held-out human ``pairs`` (given their reference log-probs)."""
+    """Sample ``samples_per_prompt`` answers per held-out prompt (seeded, so two policies meet
+    the same random stream), score them, measure their KL to the reference, length and
+    repetition, and the policy's agreement with held-out human ``pairs`` (given their reference
+    log-probs)."""
     if not prompt_ids:
         raise ValueError("no held-out prompts to evaluate on")
-    per_prompt = [replace(params, n=1, seed=seed + i) for i in range(len(prompt_ids))]
+    k = max(1, int(samples_per_prompt))
+    per_prompt = [replace(params, n=k, seed=seed + i) for i in range(len(prompt_ids))]
     results = generate_tokens(
         model,
         [list(p) for p in prompt_ids],
@@ -229,13 +265,17 @@ def evaluate_policy(
         finetune_scope=finetune_scope,
         disable_lora=disable_lora,
     )
-    comps = [r[0] for r in results]
+    comps = [c for r in results for c in r[:k]]
+    owners = [i for i, r in enumerate(results) for _ in r[:k]]
     texts = [response_text(tokenizer, c.token_ids) for c in comps]
-    rewards = reward_fn(list(prompt_texts), texts)
+    rewards = reward_fn([prompt_texts[i] for i in owners], texts)
+    per_prompt_reward = [0.0] * len(prompt_ids)
+    for i, r in zip(owners, rewards):
+        per_prompt_reward[i] += float(r) / k
     kls = []
     nonempty = [i for i, c in enumerate(comps) if c.token_ids]
     if nonempty:
-        refs = ref_logprobs_fn([prompt_ids[i] for i in nonempty], [comps[i].token_ids for i in nonempty])
+        refs = ref_logprobs_fn([prompt_ids[owners[i]] for i in nonempty], [comps[i].token_ids for i in nonempty])
         for i, ref in zip(nonempty, refs):
             kls.append(sum(a - b for a, b in zip(comps[i].logprobs, ref)))
     kls.extend(0.0 for _ in range(len(comps) - len(nonempty)))
@@ -262,9 +302,10 @@ def evaluate_policy(
         mean_length=float(sum(len(c.token_ids) for c in comps) / len(comps)),
         repetition=float(sum(repetition_rate(t) for t in texts) / len(texts)),
         pair_agreement=agreement,
-        num_prompts=len(comps),
+        num_prompts=len(prompt_ids),
         num_pairs=len(pairs),
         samples=texts[:4],
+        rewards=per_prompt_reward,
     )
 
 
@@ -278,8 +319,11 @@ def usable_pairs(pairs: Sequence[PreferencePair]) -> list[PreferencePair]:
 
 @dataclass
 class PolicyUpdateConfig:
-    algorithm: str = "rloo"  # "ppo" (critic + GAE), "grpo" or "rloo" (critic-free)
-    kl_estimator: str = "k1"  # for the per-token penalty (PPO/RLOO); GRPO's loss term uses k3
+    # "ppo" (critic + GAE), "grpo", "drgrpo" or "rloo" (critic-free). "drgrpo" (Dr. GRPO, Liu et
+    # al. 2025, https://arxiv.org/abs/2503.20783) is GRPO with group advantages not divided by
+    # the group std and the loss summed per response over a constant (max_new_tokens)
+    algorithm: str = "rloo"
+    kl_estimator: str = "k1"  # for the per-token penalty (PPO/RLOO); (Dr.) GRPO's loss term uses k3
     epochs: int = 2  # passes over each batch of rollouts
     minibatch_size: int = 16
     clip_eps: float = 0.2
@@ -288,14 +332,39 @@ class PolicyUpdateConfig:
     gamma: float = 1.0
     lam: float = 0.95
     whiten_scores: bool = False  # PPO: normalise scores over the batch before GAE
+    # see losses.aggregate; "" = the algorithm's own: seq-mean-token-sum-norm for drgrpo,
+    # token-mean otherwise
+    loss_aggregation: str = ""
+    # the generation budget (most new tokens per response): the constant normaliser of
+    # seq-mean-token-sum-norm, which needs it
+    max_new_tokens: int = 0
+    # how the rollouts were sampled: the new log-probs of the PPO ratio are taken under the same
+    # transform as the sampler's recorded ones (see UpdateConfig)
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.algorithm not in ("ppo", "grpo", "rloo"):
-            raise ValueError(f"algorithm must be 'ppo', 'grpo' or 'rloo', got {self.algorithm!r}")
+        if self.algorithm not in ("ppo", "grpo", "drgrpo", "rloo"):
+            raise ValueError(f"algorithm must be 'ppo', 'grpo', 'drgrpo' or 'rloo', got {self.algorithm!r}")
+        L.aggregate(torch.zeros(1, 1), torch.ones(1, 1), self.aggregation, constant=1.0)  # validates it
+        if self.aggregation == "seq-mean-token-sum-norm" and self.max_new_tokens < 1:
+            raise ValueError("seq-mean-token-sum-norm (Dr. GRPO) needs max_new_tokens, the generation budget")
+        if not self.temperature > 0:
+            raise ValueError(f"RL updates need sampled rollouts: temperature > 0, not {self.temperature!r}")
+
+    @property
+    def aggregation(self) -> str:
+        if self.loss_aggregation:
+            return self.loss_aggregation
+        return "seq-mean-token-sum-norm" if self.algorithm == "drgrpo" else "token-mean"
 
 
 def _token_kl(ro: Rollout, estimator: str) -> torch.Tensor:
-    return L.kl_estimate(ro.old_logprobs, ro.ref_logprobs, estimator) * ro.action_mask
+    """The per-token KL penalty: the policy's own (temperature-1) log-probs against the
+    reference's, whatever transform the tokens were sampled under."""
+    own = ro.policy_logprobs if ro.policy_logprobs is not None else ro.old_logprobs
+    return L.kl_estimate(own, ro.ref_logprobs, estimator) * ro.action_mask
 
 
 def compute_advantages(
@@ -303,7 +372,8 @@ def compute_advantages(
 ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
     """Per-token advantages (B, L - 1) for the rollout, returns for the critic (PPO only), and
     statistics. The KL leash enters as the algorithm's paper puts it: a per-token penalty in
-    PPO's rewards, a penalty on the sequence reward in RLOO, a loss term in GRPO."""
+    PPO's rewards, a penalty on the sequence reward in RLOO, a loss term in (Dr.) GRPO.
+    Dr. GRPO's group advantages are the centred scores, not divided by the group's std."""
     mask = ro.action_mask
     kl = _token_kl(ro, cfg.kl_estimator)
     seq_kl = kl.sum(1)
@@ -324,7 +394,7 @@ def compute_advantages(
         penalised = (ro.scores - kl_coef * seq_kl).view(-1, group_size)
         seq_adv = L.rloo_advantages(penalised)
     else:
-        seq_adv = L.grpo_advantages(groups)
+        seq_adv = L.grpo_advantages(groups, scale_by_std=cfg.algorithm != "drgrpo")
     adv = seq_adv.reshape(-1)[:, None] * mask.to(torch.float32)
     return adv, None, stats
 
@@ -347,7 +417,12 @@ def policy_update(
         clip_eps=cfg.clip_eps,
         entropy_coef=cfg.entropy_coef,
         max_norm=cfg.max_norm,
-        kl_in_loss_coef=kl_coef if cfg.algorithm == "grpo" else 0.0,
+        aggregation=cfg.aggregation,
+        constant_normalizer=float(cfg.max_new_tokens) if cfg.max_new_tokens > 0 else None,
+        kl_in_loss_coef=kl_coef if cfg.algorithm in ("grpo", "drgrpo") else 0.0,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
     )
     fields = {
         "sequences": ro.sequences,
@@ -500,14 +575,311 @@ def refit_reward_model(
     return {"reward_steps": float(cfg.steps), "reward_loss_first": losses[0], "reward_loss_last": losses[-1]}
 
 
+def pair_is_heldout(pair: PreferencePair | RatingExample, fraction: float) -> bool:
+    """Whether a pair (or rating) belongs to the reward model's held-out split: a stable hash of
+    the prompt and both answers, so every pair keeps its side round after round and a handful of
+    prompts with many pairs still gives a held-out set (the split is by pair, not by prompt)."""
+    if fraction <= 0:
+        return False
+    if fraction >= 1:
+        return True
+    if isinstance(pair, PreferencePair):
+        key = f"pair\x1f{pair.prompt_text}\x1f{pair.chosen}\x1f{pair.rejected}"
+    else:
+        key = f"rating\x1f{pair.prompt_text}\x1f{pair.response}"
+    h = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big")
+    return (h / 2**64) < fraction
+
+
+def split_pairs(examples: Sequence[Any], fraction: float) -> tuple[list[Any], list[Any]]:
+    """(train, held-out) by :func:`pair_is_heldout`."""
+    train, held = [], []
+    for x in examples:
+        (held if pair_is_heldout(x, fraction) else train).append(x)
+    return train, held
+
+
+@torch.no_grad()
+def reward_features(
+    model: Any,
+    tok: Any,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    cache: dict[tuple[str, str], torch.Tensor] | None = None,
+    batch_size: int = 32,
+) -> torch.Tensor:
+    """The reward trunk's pooled features of each (prompt, response), (N, dim) float32.
+
+    ``cache`` (keyed by the two texts) must belong to one frozen trunk: a head-only refit
+    never changes the trunk, so every answer is read by the model once in the trainer's life."""
+    cache = {} if cache is None else cache
+    todo = sorted({(p, r) for p, r in zip(prompts, responses) if (p, r) not in cache}, key=lambda x: len(x[1]))
+    model.eval()
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start : start + batch_size]
+        x, mask, plen = _reward_batch(model, tok, [p for p, _ in chunk], [r for _, r in chunk])
+        feats = model.pooled_features(x, mask=mask, prompt_lengths=plen).float().cpu()
+        for key, f in zip(chunk, feats):
+            cache[key] = f
+    if not prompts:
+        return torch.zeros(0, model.palm.dim)
+    return torch.stack([cache[(p, r)] for p, r in zip(prompts, responses)])
+
+
+@dataclass
+class HeadFitConfig:
+    steps: int = 300  # full-batch steps (features are cached, so a step costs microseconds)
+    lr: float = 1e-2
+    weight_decay: float = 1e-3
+    rating_weight: float = 1.0
+    seed: int = 0
+
+
+def fit_reward_head(
+    model: Any,
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    rating_feats: torch.Tensor | None,
+    rating_labels: torch.Tensor | None,
+    cfg: HeadFitConfig,
+) -> dict[str, float]:
+    """Train the reward head alone (the trunk stays frozen) on cached pooled features:
+    Bradley-Terry on pairs plus cross-entropy of the binned head on ratings. Continues from the
+    head's current weights (warm start)."""
+    n_ratings = 0 if rating_feats is None else len(rating_feats)
+    if len(chosen) == 0 and n_ratings == 0:
+        return {"reward_steps": 0.0}
+    params = list(model.to_pred.parameters())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    dev = params[0].device
+    chosen, rejected = chosen.to(dev), rejected.to(dev)
+    losses = []
+    for _ in range(cfg.steps):
+        loss = torch.zeros((), device=dev)
+        if len(chosen):
+            rc = model.reward_from_logits(model.head_logits(chosen))
+            rr = model.reward_from_logits(model.head_logits(rejected))
+            loss = loss + F.softplus(-(rc - rr)).mean()
+        if n_ratings and model.binned_output and cfg.rating_weight > 0:
+            logits = model.head_logits(rating_feats.to(dev))
+            loss = loss + cfg.rating_weight * F.cross_entropy(logits, rating_labels.to(dev).long())
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        optim.step()
+        losses.append(float(loss.detach()))
+    for p in params:
+        p.requires_grad_(False)
+    return {"reward_steps": float(cfg.steps), "reward_loss_first": losses[0], "reward_loss_last": losses[-1]}
+
+
+@torch.no_grad()
+def head_pair_correct(model: Any, chosen: torch.Tensor, rejected: torch.Tensor) -> list[float]:
+    """Per pair: 1 if the head scores the chosen answer higher, 0.5 on a tie, else 0."""
+    if len(chosen) == 0:
+        return []
+    rc = model.reward_from_logits(model.head_logits(chosen.float()))
+    rr = model.reward_from_logits(model.head_logits(rejected.float()))
+    return [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(rc.tolist(), rr.tolist())]
+
+
+def sign_test_p(wins: int, losses: int) -> float:
+    """One-sided sign test: P(at least ``wins`` of ``wins + losses`` fair coin flips)."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2**n
+
+
 def reward_publish_decision(
-    before: float, after: float, num_heldout: int, min_heldout: int = 1, tolerance: float = 0.0
+    before: Sequence[float], after: Sequence[float], min_heldout: int = 4, alpha: float = 0.05
 ) -> tuple[bool, str]:
-    """Publish a refit reward model only when it was checked on held-out pairs and its
-    pairwise accuracy did not get worse (beyond ``tolerance``)."""
-    if num_heldout < max(min_heldout, 1) or not math.isfinite(after):
-        return False, f"not enough held-out pairs to check the refit ({num_heldout} < {max(min_heldout, 1)})"
-    base = before if math.isfinite(before) else 0.5
-    if after + 1e-9 < base - tolerance:
-        return False, f"held-out pairwise accuracy fell from {base:.3f} to {after:.3f}"
-    return True, f"held-out pairwise accuracy {base:.3f} -> {after:.3f}"
+    """Publish a refit reward model only when it beats the current one on the held-out pairs
+    with confidence. ``before`` / ``after``: per held-out pair, 1 if that model ranks it right,
+    0.5 on a tie, 0 if wrong. The rule: the refit is right on more pairs where the two models
+    disagree than the current one, and a one-sided sign test over those pairs gives p <= alpha."""
+    n = len(after)
+    if n < max(min_heldout, 1):
+        return False, f"not enough held-out pairs to check the refit ({n} < {max(min_heldout, 1)})"
+    acc_b, acc_a = sum(before) / n, sum(after) / n
+    wins = sum(a > b for a, b in zip(after, before))
+    losses = sum(a < b for a, b in zip(after, before))
+    p = sign_test_p(wins, losses)
+    figures = f"held-out pairwise accuracy {acc_b:.3f} -> {acc_a:.3f} on {n} pairs ({wins} better, {losses} worse"
+    if wins <= losses:
+        return False, f"{figures}): not better"
+    if p > alpha:
+        return False, f"{figures}, sign test p={p:.3f} > {alpha}): not better with confidence"
+    return True, f"{figures}, sign test p={p:.3f})"
+
+
+# --- preference updates from logged pairs --------------------------------------------------------
+
+PREFERENCE_ALGORITHMS = ("dpo", "ipo", "kto")
+
+
+@dataclass
+class PreferenceUpdateConfig:
+    """Direct preference optimisation on logged pairs, no reward model and no rollouts:
+    ``dpo`` (Rafailov et al. 2023), ``ipo`` (Azar et al. 2023) or ``kto`` (Ethayarajh et al.
+    2024; each pair gives its chosen answer as desirable and its rejected one as undesirable).
+    The losses are :func:`palm_rlhf.rl.losses.dpo_loss` / :func:`~palm_rlhf.rl.losses.kto_loss`
+    on summed response log-probs."""
+
+    algorithm: str = "dpo"
+    beta: float = 0.1  # the implicit KL leash to the reference (IPO's target margin is 1 / (2 beta))
+    epochs: int = 2  # passes over the pairs
+    minibatch_size: int = 16  # pairs per optimiser step
+    label_smoothing: float = 0.0  # DPO: probability that a label is wrong (conservative DPO)
+    desirable_weight: float = 1.0  # KTO's lambda_D
+    undesirable_weight: float = 1.0  # KTO's lambda_U
+    max_norm: float | None = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in PREFERENCE_ALGORITHMS:
+            raise ValueError(f"algorithm must be 'dpo', 'ipo' or 'kto', got {self.algorithm!r}")
+        if not self.beta > 0:
+            raise ValueError(f"beta must be positive, got {self.beta!r}")
+        if self.epochs < 1 or self.minibatch_size < 1:
+            raise ValueError("epochs and minibatch_size must be at least 1")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing!r}")
+
+
+def mismatched_completions(
+    pairs: Sequence[PreferencePair], max_len: int | None = None
+) -> tuple[list[list[int]], list[list[int]]]:
+    """KTO's mismatched (prompt, completion) rows: the prompt of pair ``i`` with the chosen
+    answer of pair ``i + 1`` (cyclically), the answer cut so that a row has at most ``max_len``
+    tokens. Policy and reference log-probs of these rows estimate KTO's reference point z0
+    (:func:`palm_rlhf.rl.losses.kto_reference_point`); give :func:`preference_update` the
+    reference's summed log-probs of exactly these rows (same ``max_len``)."""
+    prompts, responses = [], []
+    for i, p in enumerate(pairs):
+        r = list(pairs[(i + 1) % len(pairs)].chosen_token_ids)
+        if max_len is not None:
+            r = r[: max(1, max_len - len(p.prompt_token_ids))]
+        prompts.append(list(p.prompt_token_ids))
+        responses.append(r)
+    return prompts, responses
+
+
+def _summed_logps(
+    actor: torch.nn.Module, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int
+) -> torch.Tensor:
+    """Summed log-prob of each response under ``actor`` (a module returning logits), (N,)."""
+    device = next(actor.parameters()).device
+    packed = pack_sequences(prompts, responses, pad_id=pad_id, device=device)
+    seq = packed["sequences"]
+    logps = L.logprobs_from_logits(actor(seq)[:, :-1], seq[:, 1:])
+    return L.masked_sum(logps, packed["action_mask"], dim=1)
+
+
+def preference_update(
+    actor: torch.nn.Module,
+    optim: torch.optim.Optimizer,
+    pairs: Sequence[PreferencePair],
+    ref_chosen_logps: torch.Tensor | Sequence[float],
+    ref_rejected_logps: torch.Tensor | Sequence[float],
+    cfg: PreferenceUpdateConfig,
+    *,
+    ref_mismatched_logps: torch.Tensor | Sequence[float] | None = None,
+    max_len: int | None = None,
+    pad_id: int = 0,
+) -> dict[str, float]:
+    """``cfg.epochs`` passes of minibatch DPO / IPO / KTO steps on logged preference ``pairs``.
+
+    ``actor`` returns logits (e.g. :class:`~palm_rlhf.rl.models.Actor`); ``ref_chosen_logps``
+    / ``ref_rejected_logps`` are the reference's summed log-probs of each pair's chosen and
+    rejected answer (N,), e.g. from the reference service. KTO's reference point z0 is
+    estimated per minibatch on :func:`mismatched_completions` (``max_len``) when
+    ``ref_mismatched_logps`` gives their reference log-probs; without them z0 = 0.
+
+    Returns training statistics, averaged over the steps: ``loss`` (also ``loss_first`` /
+    ``loss_last``), the implicit rewards ``beta * (log pi - log ref)`` of the chosen and rejected
+    answers, their ``reward_margin`` and ``accuracy`` (share of pairs with a positive margin),
+    measured on each minibatch before its step."""
+    if not pairs:
+        raise ValueError("no preference pairs to train on")
+    n = len(pairs)
+    device = next(actor.parameters()).device
+
+    def as_tensor(x, name: str) -> torch.Tensor:
+        t = torch.as_tensor(x, dtype=torch.float32).reshape(-1).to(device)
+        if t.numel() != n:
+            raise ValueError(f"{name} has {t.numel()} entries for {n} pairs")
+        return t
+
+    ref_c = as_tensor(ref_chosen_logps, "ref_chosen_logps")
+    ref_r = as_tensor(ref_rejected_logps, "ref_rejected_logps")
+    kto = cfg.algorithm == "kto"
+    ref_m = None
+    if kto and ref_mismatched_logps is not None:
+        ref_m = as_tensor(ref_mismatched_logps, "ref_mismatched_logps")
+        mis_prompts, mis_responses = mismatched_completions(pairs, max_len)
+    params = [p for group in optim.param_groups for p in group["params"]]
+    rng = random.Random(cfg.seed)
+    agg: dict[str, list[float]] = {}
+    actor.train()
+    for _ in range(cfg.epochs):
+        order = list(range(n))
+        rng.shuffle(order)
+        for start in range(0, n, cfg.minibatch_size):
+            idx = order[start : start + cfg.minibatch_size]
+            m = len(idx)
+            prompts = [pairs[i].prompt_token_ids for i in idx]
+            answers = [pairs[i].chosen_token_ids for i in idx] + [pairs[i].rejected_token_ids for i in idx]
+            logps = _summed_logps(actor, prompts + prompts, answers, pad_id)  # chosen then rejected
+            pc, pr = logps[:m], logps[m:]
+            rc, rr = ref_c[idx], ref_r[idx]
+            out: dict[str, float] = {}
+            if kto:
+                z0 = torch.zeros((), device=device)
+                if ref_m is not None:
+                    with torch.no_grad():
+                        mis = _summed_logps(
+                            actor, [mis_prompts[i] for i in idx], [mis_responses[i] for i in idx], pad_id
+                        )
+                    z0 = L.kto_reference_point(mis, ref_m[idx])
+                desirable = torch.arange(2 * m, device=device) < m
+                loss, rewards = L.kto_loss(
+                    torch.cat([pc, pr]),
+                    torch.cat([rc, rr]),
+                    desirable,
+                    z0,
+                    beta=cfg.beta,
+                    desirable_weight=cfg.desirable_weight,
+                    undesirable_weight=cfg.undesirable_weight,
+                )
+                chosen_rewards, rejected_rewards = rewards[:m], rewards[m:]
+                out["kto_reference_point"] = float(z0)
+            else:
+                ipo = cfg.algorithm == "ipo"
+                loss, chosen_rewards, rejected_rewards = L.dpo_loss(
+                    pc, pr, rc, rr, beta=cfg.beta, label_smoothing=cfg.label_smoothing, ipo=ipo
+                )
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.max_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_norm)
+            optim.step()
+            optim.zero_grad(set_to_none=True)
+            margin = chosen_rewards - rejected_rewards
+            out.update(
+                loss=float(loss.detach()),
+                chosen_reward=float(chosen_rewards.mean()),
+                rejected_reward=float(rejected_rewards.mean()),
+                reward_margin=float(margin.mean()),
+                accuracy=float((margin > 0).float().mean()),
+            )
+            for k, v in out.items():
+                agg.setdefault(k, []).append(v)
+    actor.eval()
+    stats = {k: sum(v) / len(v) for k, v in agg.items()}
+    stats.update(loss_first=agg["loss"][0], loss_last=agg["loss"][-1], steps=float(len(agg["loss"])),
+                 pairs=float(n))
+    return stats

@@ -11,6 +11,12 @@ Layout of a :class:`Rollout` (right padding, prompt then response in every row):
 - per-token fields (B, L - 1) at *action positions*: index ``t`` is about token ``t + 1``
   (the layout of ``PaLM.logprobs_of``); ``action_mask`` is True where token ``t + 1`` is a
   response token. Right padding keeps causal attention exact without a mask.
+
+Two log-probs per sampled token: ``old_logprobs`` under the distribution the token was drawn
+from (temperature, top-k / top-p applied: the behaviour policy of the PPO ratio) and
+``policy_logprobs`` under the model's own distribution (temperature 1, unfiltered: what the
+KL to the reference compares, since the reference's log-probs are plain ones too). They
+coincide when sampling is plain (temperature 1, no filter).
 """
 
 from __future__ import annotations
@@ -31,12 +37,15 @@ class Rollout:
     attention_mask: torch.Tensor
     action_mask: torch.Tensor
     prompt_mask: torch.Tensor  # (B, L): True on prompt tokens
-    old_logprobs: torch.Tensor  # (B, L - 1): log pi_old of each sampled token, 0 elsewhere
+    old_logprobs: torch.Tensor  # (B, L - 1): log pi_old (as sampled) of each sampled token, 0 elsewhere
     ref_logprobs: torch.Tensor | None = None
     values: torch.Tensor | None = None
     scores: torch.Tensor | None = None  # (B,): the reward of each full response
     group_ids: list[int] = field(default_factory=list)  # prompt index of each row
     finish_reasons: list[str] = field(default_factory=list)
+    # (B, L - 1): log-prob of each sampled token under the policy's own distribution
+    # (temperature 1, unfiltered), for the KL to the reference; None: same as old_logprobs
+    policy_logprobs: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.responses)
@@ -52,8 +61,11 @@ def pack_sequences(
     pad_id: int = 0,
     response_logprobs: Sequence[Sequence[float]] | None = None,
     device: torch.device | str = "cpu",
+    response_policy_logprobs: Sequence[Sequence[float]] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Right-padded (prompt + response) rows and their masks (see the module docstring)."""
+    """Right-padded (prompt + response) rows and their masks (see the module docstring);
+    ``response_logprobs`` go to ``old_logprobs`` and, if given, ``response_policy_logprobs``
+    to ``policy_logprobs``, both at the action positions."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     b = len(prompts)
@@ -64,6 +76,7 @@ def pack_sequences(
     pmask = torch.zeros(b, width, dtype=torch.bool)
     amask = torch.zeros(b, width - 1, dtype=torch.bool)
     logp = torch.zeros(b, width - 1, dtype=torch.float32)
+    own = torch.zeros(b, width - 1, dtype=torch.float32) if response_policy_logprobs is not None else None
     for i, (p, r) in enumerate(zip(prompts, responses)):
         if not p:
             raise ValueError(f"row {i}: empty prompt")
@@ -76,6 +89,10 @@ def pack_sequences(
                 logp[i, np_ - 1 : np_ - 1 + nr] = torch.as_tensor(
                     list(response_logprobs[i]), dtype=torch.float32
                 )
+            if own is not None:
+                own[i, np_ - 1 : np_ - 1 + nr] = torch.as_tensor(
+                    list(response_policy_logprobs[i]), dtype=torch.float32
+                )
         attn[i, : np_ + nr] = True
         pmask[i, :np_] = True
     out = {
@@ -85,6 +102,8 @@ def pack_sequences(
         "action_mask": amask,
         "old_logprobs": logp,
     }
+    if own is not None:
+        out["policy_logprobs"] = own
     return {k: v.to(device) for k, v in out.items()}
 
 
@@ -111,19 +130,30 @@ def rollout(
     """Sample ``params.n`` responses per prompt in one batched, KV-cached ``generate_tokens``
     call, then fill in reference log-probs, values and scores with the given callables.
 
-    The sampler's per-token log-probs (temperature 1, unfiltered) become ``old_logprobs``: no
-    second forward pass of the policy is needed."""
+    The sampler's per-token log-probs become ``old_logprobs`` (under the distribution sampled:
+    temperature, top-k / top-p) and ``policy_logprobs`` (temperature 1, unfiltered): no second
+    forward pass of the policy is needed. An update must then compute its new log-probs under
+    the same sampling transform (``UpdateConfig.temperature`` / ``top_k`` / ``top_p``); a
+    ``logits_processor`` is part of the recorded log-probs but no update can replay it."""
     device = device or policy.device
     results: list[list[Completion]] = generate_tokens(policy, prompts, params, finetune_scope=finetune_scope)
-    row_prompts, responses, logps, groups, reasons = [], [], [], [], []
+    row_prompts, responses, logps, own_logps, groups, reasons = [], [], [], [], [], []
     for gi, (p, comps) in enumerate(zip(prompts, results)):
         for c in comps:
             row_prompts.append(list(p))
             responses.append(list(c.token_ids))
-            logps.append(list(c.logprobs))
+            logps.append(list(c.sampled_logprobs))
+            own_logps.append(list(c.logprobs))
             groups.append(gi)
             reasons.append(c.finish_reason)
-    packed = pack_sequences(row_prompts, responses, pad_id=pad_id, response_logprobs=logps, device=device)
+    packed = pack_sequences(
+        row_prompts,
+        responses,
+        pad_id=pad_id,
+        response_logprobs=logps,
+        device=device,
+        response_policy_logprobs=own_logps,
+    )
     ro = Rollout(
         prompts=row_prompts,
         responses=responses,

@@ -1,4 +1,4 @@
-"""``RLHFTrainer``: PPO (or GRPO / RLOO) fine-tuning of a PaLM against a reward model.
+"""``RLHFTrainer``: PPO (or GRPO / Dr. GRPO / RLOO) fine-tuning of a PaLM against a reward model.
 
 The constructor and ``train`` / ``generate`` follow palm-rlhf-pytorch's README:
 
@@ -30,14 +30,17 @@ from torch import nn
 from palm_rlhf.generation import SamplingParams
 from palm_rlhf.model import PaLM
 from palm_rlhf.rl import losses as L
-from palm_rlhf.rl.buffer import ExperienceBuffer
+from palm_rlhf.rl.buffer import PPO_FIELDS, ExperienceBuffer, Field
 from palm_rlhf.rl.models import Actor, Critic
 from palm_rlhf.rl.rollout import Rollout, model_reward_fn, rollout
 from palm_rlhf.rl.update import UpdateConfig, global_moments, policy_step, value_step, world, wrap_ddp
 
 log = logging.getLogger(__name__)
 
-ALGORITHMS = ("ppo", "grpo", "rloo")
+ALGORITHMS = ("ppo", "grpo", "drgrpo", "rloo")
+CONSTANT_NORM = "seq-mean-token-sum-norm"  # losses.aggregate's Dr. GRPO mode
+# the trainer's experience: PPO's fields plus the policy's own log-probs (for the KL)
+TRAINER_FIELDS = {**PPO_FIELDS, "policy_logprobs": Field(torch.float32)}
 
 
 def load_prompts(path: str | Path) -> list[str]:
@@ -82,8 +85,16 @@ class RLHFTrainer(nn.Module):
 
     Main knobs (defaults as in palm-rlhf-pytorch where it has them):
 
-    - ``algorithm``: ``"ppo"`` (actor-critic, GAE), ``"grpo"`` or ``"rloo"`` (critic-free,
-      ``group_size`` samples per prompt);
+    - ``algorithm``: ``"ppo"`` (actor-critic, GAE), ``"grpo"``, ``"drgrpo"`` or ``"rloo"``
+      (critic-free, ``group_size`` samples per prompt). ``"drgrpo"`` is GRPO without its two
+      biases (Liu et al. 2025, https://arxiv.org/abs/2503.20783): group advantages are not
+      divided by the group's std and the loss is ``loss_aggregation="seq-mean-token-sum-norm"``;
+    - ``loss_aggregation`` (see :func:`palm_rlhf.rl.losses.aggregate`; default ``token-mean``,
+      or ``seq-mean-token-sum-norm`` for drgrpo, where each response's token sum is divided by
+      ``loss_normalizer``: by default the generation budget of :meth:`train`, i.e. the most new
+      tokens a response may have, ``max_seq_len`` minus the shortest prompt's length);
+    - ``scale_rewards_by_std``: divide GRPO's group advantages by the group std (default True
+      for grpo, False for drgrpo);
     - ``kl_div_loss_weight``: the KL coefficient beta against the frozen reference (here the
       usual RLHF penalty, in the per-token reward for PPO/RLOO and in the loss for GRPO);
       ``kl_target`` makes it adaptive (Ziegler et al. 2019); ``kl_estimator`` k1/k2/k3;
@@ -133,8 +144,9 @@ class RLHFTrainer(nn.Module):
         lam: float = 0.95,
         whiten_advantages: bool = True,
         group_size: int = 4,
-        scale_rewards_by_std: bool = True,
-        loss_aggregation: str = "token-mean",
+        scale_rewards_by_std: bool | None = None,
+        loss_aggregation: str | None = None,
+        loss_normalizer: float | None = None,
         memory_limit_bytes: int | None = 256 * 2**20,
         spill_dir: str | None = None,
         seed: int | None = None,
@@ -151,6 +163,13 @@ class RLHFTrainer(nn.Module):
         if algorithm != "ppo" and group_size < 2:
             raise ValueError(f"{algorithm} compares samples of one prompt: group_size must be >= 2")
         L.kl_estimate(torch.zeros(1), torch.zeros(1), kl_estimator)  # validates the name
+        if loss_aggregation is None:
+            loss_aggregation = CONSTANT_NORM if algorithm == "drgrpo" else "token-mean"
+        L.aggregate(torch.zeros(1, 1), torch.ones(1, 1), loss_aggregation, constant=1.0)  # validates it
+        if loss_normalizer is not None and not loss_normalizer > 0:
+            raise ValueError(f"loss_normalizer must be positive, got {loss_normalizer!r}")
+        if scale_rewards_by_std is None:
+            scale_rewards_by_std = algorithm != "drgrpo"
 
         self.pad_value = int(pad_value)
         if prompts_path is not None:
@@ -211,8 +230,10 @@ class RLHFTrainer(nn.Module):
             entropy_coef=beta_s,
             max_norm=max_norm,
             aggregation=loss_aggregation,
-            kl_in_loss_coef=kl_div_loss_weight if algorithm == "grpo" else 0.0,
+            constant_normalizer=loss_normalizer,  # None: train() sets the generation budget
+            kl_in_loss_coef=kl_div_loss_weight if algorithm in ("grpo", "drgrpo") else 0.0,
         )
+        self.loss_normalizer = loss_normalizer
         self.kl_ctl = (
             L.AdaptiveKLController(kl_div_loss_weight, kl_target, kl_horizon)
             if kl_target is not None
@@ -282,7 +303,9 @@ class RLHFTrainer(nn.Module):
             pad_id=self.pad_value,
         )
         mask = ro.action_mask
-        kl = L.kl_estimate(ro.old_logprobs, ro.ref_logprobs, self.kl_estimator) * mask
+        # the leash compares the policy's own (temperature-1) log-probs with the reference's
+        own = ro.policy_logprobs if ro.policy_logprobs is not None else ro.old_logprobs
+        kl = L.kl_estimate(own, ro.ref_logprobs, self.kl_estimator) * mask
         ro.kl = kl  # type: ignore[attr-defined]
         if self.algorithm == "ppo":
             rewards = L.kl_penalized_rewards(ro.scores, kl, mask, self.kl_ctl.value)
@@ -308,6 +331,7 @@ class RLHFTrainer(nn.Module):
             attention_mask=ro.attention_mask,
             action_mask=ro.action_mask,
             old_logprobs=ro.old_logprobs,
+            policy_logprobs=ro.policy_logprobs if ro.policy_logprobs is not None else ro.old_logprobs,
             ref_logprobs=ro.ref_logprobs,
             values=ro.values,
             rewards=ro.rewards,
@@ -323,8 +347,14 @@ class RLHFTrainer(nn.Module):
         buf = buffer or self.buffer
         if buf is None or len(buf) == 0:
             raise ValueError("no experience to learn from")
+        if self.update_cfg.aggregation == CONSTANT_NORM and self.update_cfg.constant_normalizer is None:
+            raise ValueError(
+                f"{CONSTANT_NORM} needs a constant normaliser: pass loss_normalizer= to the trainer "
+                "or call train(), which uses the generation budget"
+            )
         mask = buf.get("action_mask")
-        kl_tokens = L.masked_sum(L.kl_estimate(buf.get("old_logprobs"), buf.get("ref_logprobs"), "k1"), mask)
+        own = buf.get("policy_logprobs" if "policy_logprobs" in buf.fields else "old_logprobs")
+        kl_tokens = L.masked_sum(L.kl_estimate(own, buf.get("ref_logprobs"), "k1"), mask)
         scores = buf.get("scores")
         if self.algorithm == "ppo" and self.whiten_advantages:
             adv = buf.get("advantages")
@@ -374,12 +404,22 @@ class RLHFTrainer(nn.Module):
         """Run ``num_episodes`` episodes of ``max_timesteps`` timesteps, updating every
         ``update_timesteps`` timesteps (see the module docstring). ``max_seq_len`` bounds
         prompt + response; ``eos_token`` ends a response early (and is part of it).
-        ``max_batch_size`` is the number of rows sampled together. Returns the update history."""
+        ``max_batch_size`` is the number of rows sampled together. ``temperature`` / ``top_k`` /
+        ``top_p`` shape the sampled distribution; the updates take their new log-probs under the
+        same transform, so the PPO ratio compares like with like. Returns the update history."""
         if update_timesteps < 1 or max_timesteps < 1 or num_episodes < 0:
             raise ValueError("num_episodes >= 0, max_timesteps >= 1 and update_timesteps >= 1 are required")
+        if not temperature > 0:
+            raise ValueError(f"RL updates need sampled rollouts: temperature > 0, not {temperature!r}")
         longest = max(len(p) for p in self.prompt_ids)
+        shortest = min(len(p) for p in self.prompt_ids)
+        self.update_cfg.temperature, self.update_cfg.top_k, self.update_cfg.top_p = temperature, top_k, top_p
+        if self.loss_normalizer is None:
+            # the generation budget: the most new tokens any response of this run may have
+            self.update_cfg.constant_normalizer = float(max(1, max_seq_len - shortest))
         self.buffer = ExperienceBuffer(
             max_len=max(max_seq_len, longest + 1),
+            fields=TRAINER_FIELDS,
             max_memory_bytes=self.memory_limit_bytes,
             spill_dir=self.spill_dir,
         )

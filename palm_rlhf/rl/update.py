@@ -26,8 +26,17 @@ class UpdateConfig:
     value_coef: float = 1.0  # weight of the value loss (the critic has its own optimiser)
     max_norm: float | None = None  # gradient-norm clip per optimiser step
     aggregation: str = "token-mean"  # see losses.aggregate
-    constant_normalizer: float | None = None  # Dr. GRPO's constant (max new tokens)
+    # Dr. GRPO's constant for aggregation "seq-mean-token-sum-norm": the generation budget
+    # (the most new tokens a response may have)
+    constant_normalizer: float | None = None
     kl_in_loss_coef: float = 0.0  # GRPO-style KL(pi || ref) term in the loss (k3 estimator)
+    # How the rollouts were sampled. ``old_logprobs`` are the sampler's log-probs under the
+    # distribution it drew from (logits / temperature, top-k / top-p set renormalised), so the
+    # new log-probs of the ratio are taken under the same transform (losses.sampling_logprobs).
+    # The KL to the reference and the entropy bonus stay on the model's own distribution.
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
 
 
 def world() -> tuple[int, int]:
@@ -99,6 +108,19 @@ def _step(optim: torch.optim.Optimizer, params: list[nn.Parameter], max_norm: fl
     return norm
 
 
+def action_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, cfg: UpdateConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs for the PPO ratio, the model's own log-probs) of ``tokens`` given the actor's
+    ``logits`` (B, T, vocab): the first under the rollouts' sampling transform (the
+    distribution ``old_logprobs`` were recorded under), the second at temperature 1, unfiltered
+    (what the reference's log-probs are compared with). The same tensor when sampling was plain."""
+    own = L.logprobs_from_logits(logits, tokens)
+    if L.is_plain_sampling(cfg.temperature, cfg.top_k, cfg.top_p):
+        return own, own
+    return L.sampling_logprobs(logits, tokens, cfg.temperature, cfg.top_k, cfg.top_p), own
+
+
 def policy_step(
     actor: nn.Module,
     optim: torch.optim.Optimizer,
@@ -111,7 +133,7 @@ def policy_step(
     seq, mask = batch["sequences"], batch["action_mask"]
     agg = _agg_kwargs(cfg, mask)
     logits = actor(seq)[:, :-1]  # (B, L - 1, vocab): position t predicts token t + 1
-    logprobs = L.logprobs_from_logits(logits, seq[:, 1:])
+    logprobs, own_logprobs = action_logprobs(logits, seq[:, 1:], cfg)
     loss, stats = L.ppo_policy_loss(
         logprobs, batch["old_logprobs"], batch["advantages"], mask, cfg.clip_eps, cfg.aggregation, **agg
     )
@@ -119,7 +141,8 @@ def policy_step(
     total = loss - cfg.entropy_coef * entropy
     kl = None
     if cfg.kl_in_loss_coef:
-        kl = L.aggregate(L.kl_estimate(logprobs, batch["ref_logprobs"], "k3"), mask, cfg.aggregation, **agg)
+        kl_tokens = L.kl_estimate(own_logprobs, batch["ref_logprobs"], "k3")
+        kl = L.aggregate(kl_tokens, mask, cfg.aggregation, **agg)
         total = total + cfg.kl_in_loss_coef * kl
     total.backward()
     params = [p for p in _unwrap(actor).parameters() if p.requires_grad]

@@ -121,8 +121,14 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "update_fn(core) -> (new_version | None, metrics) (PALM_RLHF_UPDATE_FN); "
                         "default: a no-op reporting 'no new feedback'")
     g.add_argument("--update-interval", type=float, default=env("UPDATE_INTERVAL", 0.0, float),
-                   help="trainer: run an update round every SECONDS; 0 = only on Trigger "
-                        "(PALM_RLHF_UPDATE_INTERVAL)")
+                   help="trainer: run an update round every SECONDS whatever the feedback (replaces the "
+                        "automatic rounds below); 0 = off (PALM_RLHF_UPDATE_INTERVAL)")
+    g.add_argument("--round-after-feedback", type=int, default=env("ROUND_AFTER_FEEDBACK", 64, int),
+                   help="trainer: start a round by itself once this many feedback rows are new; 0 = off "
+                        "(PALM_RLHF_ROUND_AFTER_FEEDBACK, default 64)")
+    g.add_argument("--round-after-seconds", type=float, default=env("ROUND_AFTER_SECONDS", 90.0, float),
+                   help="trainer: or this many seconds after the last round once any feedback row is new; "
+                        "0 = off; both 0 = rounds only on Trigger (PALM_RLHF_ROUND_AFTER_SECONDS, default 90)")
     g.add_argument("--store-poll", type=float, default=env("STORE_POLL", 2.0, float),
                    help="trainer: how often to look for CURRENT changes made outside the trainer, to "
                         "announce them (PALM_RLHF_STORE_POLL)")
@@ -130,9 +136,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     gw.add_argument("--api-keys-file", default=env("API_KEYS_FILE"),
                     help="gateway: file with one API key per line (PALM_RLHF_API_KEYS_FILE; "
                          "PALM_RLHF_API_KEYS adds comma-separated keys)")
-    gw.add_argument("--rate-limit", type=rate_limit_spec, default=rate_limit_spec(env("RATE_LIMIT", "120")),
-                    help="gateway: requests per minute per API key; a bare number is per minute, or give "
-                         "N/s, N/min, N/h, 'off' (PALM_RLHF_RATE_LIMIT, default 120)")
+    gw.add_argument("--rate-limit", type=rate_limit_spec,
+                    default=rate_limit_spec(env("RATE_LIMIT", "1200/min:300")),
+                    help="gateway: request units per API key (a chat completion 1, a feedback row 0.1); a "
+                         "bare number is per minute, or give N/s, N/min, N/h, N/s:BURST, 'off' "
+                         "(PALM_RLHF_RATE_LIMIT, default 1200/min:300)")
     gw.add_argument("--keep-alive", type=float, default=env("KEEP_ALIVE", 75.0, float),
                     help="gateway: seconds an idle HTTP connection stays open (PALM_RLHF_KEEP_ALIVE, default 75; "
                          "keep it above the idle timeout of clients and load balancers)")

@@ -614,6 +614,12 @@ class FeedbackStore:
             if len(rows) < batch_size:
                 return
 
+    def count_feedback_since(self, since_id: int = 0) -> int:
+        """How many feedback rows have ``id > since_id`` (the trainer's "new feedback" count)."""
+        with self._tx(write=False) as ex:
+            row = ex("SELECT COUNT(*) FROM feedback WHERE id > ?", [int(since_id)]).fetchone()
+        return int(row[0])
+
     def iter_preference_pairs(self, since_id: int = 0) -> Iterator[dict[str, Any]]:
         """Explicit preferences as training pairs: prompt text, chosen and rejected answers
         (cleaned text and token ids), with the feedback id as cursor."""

@@ -22,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--rate-limit",
         default=None,
-        help="per client; a bare number is per minute (default 120), or 10/s, 3600/h, 10/s:40 (burst 40), off",
+        help="per client, in request units (a chat completion 1, a feedback row 0.1); a bare number is per "
+        "minute, or 10/s, 3600/h, 10/s:40 (burst 40), off (default 1200/min:300)",
     )
     p.add_argument("--admin-token", default=None)
     p.add_argument("--max-body-bytes", type=int, default=None)

@@ -50,7 +50,15 @@ from services.common.feedback_store import (
     open_store,
 )
 
-from .auth import KeyRing, RateLimit, RateLimiter, is_loopback, load_api_keys
+from .auth import (
+    DEFAULT_RATE_LIMIT,
+    KeyRing,
+    RateLimit,
+    RateLimiter,
+    is_loopback,
+    load_api_keys,
+    request_cost,
+)
 from .backends import BackendError, Backends, GeneratedCandidate, Generation, SamplingOptions, StreamEvent
 from .metrics import GatewayMetrics
 from .schemas import (
@@ -342,8 +350,8 @@ def create_app(backends: Backends, store: FeedbackStore, config: GatewayConfig |
             client_id = client_id or "admin"
         else:
             client_id = f"ip:{request.client.host if request.client else 'unknown'}"
-        if limiter is not None:
-            wait = limiter.acquire(client_id)
+        if limiter is not None:  # charged by cost: a chat completion 1, a feedback row 0.1
+            wait = limiter.acquire(client_id, request_cost(request.method, request.url.path))
             if wait > 0:
                 metrics.rate_limited.inc()
                 raise APIError(
@@ -969,7 +977,7 @@ def run_gateway(args) -> int:
         log.warning("serving on %s WITHOUT authentication (--insecure-no-auth)", host)
     config = GatewayConfig(
         api_keys=keys,
-        rate_limit=RateLimit.parse(_arg(args, "rate_limit", "PALM_RLHF_RATE_LIMIT", "120")),
+        rate_limit=RateLimit.parse(_arg(args, "rate_limit", "PALM_RLHF_RATE_LIMIT", DEFAULT_RATE_LIMIT)),
         max_body_bytes=int(_arg(args, "max_body_bytes", "PALM_RLHF_MAX_BODY_BYTES", 1 << 20)),
         admin_token=_arg(args, "admin_token", "PALM_RLHF_ADMIN_TOKEN") or None,
     )

@@ -67,6 +67,30 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+# The gateway's default ``--rate-limit`` (per API key; per client address without keys): 1200
+# request units a minute (20/s) with a bucket of 300 (15 s worth). Requests are charged by cost
+# (:func:`request_cost`): a chat completion takes 1 unit, a feedback row or a read takes 0.1.
+# A sequential client never reaches it: through the gateway on the demo model (2 CPU cores) a
+# chat completion takes 0.1-0.7 s for real answers and 26-80 ms at the very least (max_tokens=1),
+# a feedback POST 2-5 ms; chatting and rating every answer five times (1.5 units a chat) peaked
+# at 12 chats/s, 18 units/s, under the 20/s refill (docs/gateway.md). A flood still gets 429 with
+# Retry-After: of 1000 chat requests in one second about 320 pass, and a tight loop of 1000
+# feedback posts a second (100 units/s) is refused after about 4 s.
+DEFAULT_RATE_LIMIT = "1200/min:300"
+GENERATION_COST = 1.0  # a chat completion (runs the policy and the reward model), the log export
+LIGHT_COST = 0.1  # a feedback row, a read of a completion, its feedback or the model list
+_GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/feedback/export"})
+
+
+def request_cost(method: str, path: str) -> float:
+    """Units of the client's rate-limit bucket one request takes: generation (and the export of
+    the whole log) costs :data:`GENERATION_COST`; everything else — a feedback POST (one chat
+    may get several: thumbs on each candidate plus a preference), reading a completion or its
+    feedback, the model list — costs :data:`LIGHT_COST`."""
+    path = path.rstrip("/")  # a mount prefix (root_path) may come before the route's path
+    return GENERATION_COST if any(path.endswith(p) for p in _GENERATION_PATHS) else LIGHT_COST
+
+
 @dataclass
 class RateLimit:
     rate: float  # tokens per second
@@ -74,10 +98,11 @@ class RateLimit:
 
     @classmethod
     def parse(cls, spec: str | float | None) -> RateLimit | None:
-        """Requests per client: ``"120"`` or ``"120/min"`` (a bare number is per minute, as the
+        """Request units per client (a chat completion is 1, a feedback row 0.1, see
+        :func:`request_cost`): ``"120"`` or ``"120/min"`` (a bare number is per minute, as the
         ``--rate-limit`` flag documents), ``"10/s"``, ``"3600/h"``, with an optional burst after
         a colon (``"10/s:40"``; default: ten seconds' worth, at least 1). None, ``""``, ``"0"``
-        and ``"off"`` disable limiting."""
+        and ``"off"`` disable limiting. The gateway's default is :data:`DEFAULT_RATE_LIMIT`."""
         if spec is None:
             return None
         text = str(spec).strip().lower()

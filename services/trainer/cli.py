@@ -107,7 +107,9 @@ def register(subparsers) -> None:
     d.add_argument("--reward-scorer", default=os.environ.get("PALM_RLHF_REWARD_SCORER", "sentiment"),
                    help="training reward: learned, sentiment or e.g. 'learned:0.5+sentiment:1' (default sentiment)")
     d.add_argument("--algorithm", default=os.environ.get("PALM_RLHF_RL_ALGORITHM", "rloo"),
-                   choices=("ppo", "grpo", "rloo"), help="policy update (default rloo)")
+                   choices=("ppo", "grpo", "drgrpo", "rloo", "dpo", "ipo", "kto"),
+                   help="policy update: RL on rewarded rollouts (ppo, grpo, drgrpo, rloo) or preference "
+                        "optimisation on the logged pairs (dpo, ipo, kto) (default rloo)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--port", type=int, default=0, help="gateway port (default: a free one)")
     d.add_argument("--no-plot", action="store_true", help="skip the PNG")

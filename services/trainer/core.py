@@ -11,7 +11,10 @@ announcement. Changes made to the store's CURRENT pointer by other tools are not
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import math
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -28,9 +31,30 @@ log = logging.getLogger(__name__)
 UpdateFn = Callable[["TrainerCore"], tuple[str | None, dict[str, Any]]]
 
 
+STATUS_FILE = "status.json"
+OUTCOMES = ("published", "rejected", "nothing to learn", "waiting", "failed")
+
+
 def no_update(core: TrainerCore) -> tuple[str | None, dict[str, Any]]:
     """The default update round: nothing to learn from yet."""
-    return None, {"message": "no new feedback"}
+    return None, {"message": "no new feedback", "outcome": "nothing to learn"}
+
+
+@dataclass
+class RoundSchedule:
+    """When rounds start by themselves: as soon as ``after_feedback`` feedback rows are new, or
+    ``after_seconds`` after the last round (or the trainer's start) once any row is new,
+    whichever comes first. 0 turns a trigger off; both 0 leaves only the manual Trigger. The
+    count comes from the update callable's ``pending_feedback()`` (the online loop's read of
+    the feedback log); an update callable without one is never started automatically."""
+
+    after_feedback: int = 64
+    after_seconds: float = 90.0
+    poll: float = 5.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.after_feedback > 0 or self.after_seconds > 0
 
 
 @dataclass
@@ -49,15 +73,19 @@ class RoundResult:
     metrics: dict[str, float]
     message: str
     step: int
+    outcome: str = ""
 
 
-def _split_metrics(raw: dict[str, Any]) -> tuple[dict[str, float], str]:
-    """Numeric metrics (bools as 0/1) and the round's message (the "message" key, if any)."""
+def _split_metrics(raw: dict[str, Any]) -> tuple[dict[str, float], str, str]:
+    """Numeric metrics (bools as 0/1), the round's message and its outcome (the "message" and
+    "outcome" keys, if any)."""
     numeric: dict[str, float] = {}
-    message = ""
+    message = outcome = ""
     for k, v in (raw or {}).items():
         if k == "message":
             message = str(v)
+        elif k == "outcome":
+            outcome = str(v)
         elif isinstance(v, (bool, int, float)):
             numeric[str(k)] = float(v)
         elif hasattr(v, "item"):  # a 0-d tensor or numpy scalar
@@ -65,22 +93,27 @@ def _split_metrics(raw: dict[str, Any]) -> tuple[dict[str, float], str]:
                 numeric[str(k)] = float(v.item())
             except (TypeError, ValueError):
                 pass
-    return numeric, message
+    return numeric, message, outcome
 
 
 class TrainerCore:
     def __init__(self, data_dir: str | Path, update_fn: UpdateFn | None = None,
-                 metrics: ServiceMetrics | None = None):
+                 metrics: ServiceMetrics | None = None, schedule: RoundSchedule | None = None):
         self.data_dir = Path(data_dir)
         self.policy_store: CheckpointStore = store(data_dir, "policy")
         self.reward_store: CheckpointStore = store(data_dir, "reward")
         self.update_fn: UpdateFn = update_fn or no_update
         self.metrics = metrics or ServiceMetrics("trainer")
+        self.schedule = schedule or RoundSchedule(0, 0.0)
         self.step = 0
         self.last_metrics: dict[str, float] = {}
         self.last_message = ""
+        self.last_outcome = ""
         self.last_update_unix = 0.0
         self.busy = False
+        self._status_path = self.data_dir / "trainer" / STATUS_FILE
+        self._load_status()
+        self._clock_origin = time.time()  # the time trigger counts from here until a round ran
         self._round_lock = asyncio.Lock()
         self._store_lock = asyncio.Lock()  # rollback vs. the store poller: one announces, as "rollback"
         self._watchers: set[asyncio.Queue] = set()
@@ -96,7 +129,70 @@ class TrainerCore:
 
     # -- status -----------------------------------------------------------------------------
 
+    def _load_status(self) -> None:
+        """Step and last round from ``DATA_DIR/trainer/status.json`` (a restart keeps counting)."""
+        try:
+            raw = json.loads(self._status_path.read_text())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as e:
+            log.warning("ignoring unreadable %s: %s", self._status_path, e)
+            return
+        self.step = int(raw.get("step", 0))
+        self.last_metrics = {str(k): float(v) for k, v in (raw.get("last_metrics") or {}).items()
+                             if isinstance(v, (int, float))}
+        self.last_message = str(raw.get("last_message", ""))
+        self.last_outcome = str(raw.get("last_outcome", ""))
+        self.last_update_unix = float(raw.get("last_update_unix", 0.0))
+
+    def _save_status(self) -> None:
+        self._status_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._status_path.with_name(f".{STATUS_FILE}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({
+            "step": self.step, "last_metrics": {k: v for k, v in self.last_metrics.items() if math.isfinite(v)},
+            "last_message": self.last_message, "last_outcome": self.last_outcome,
+            "last_update_unix": self.last_update_unix,
+        }, indent=1))
+        os.replace(tmp, self._status_path)
+
+    def pending_feedback(self) -> int | None:
+        """New feedback rows the next round would read (None when the update callable cannot
+        tell)."""
+        fn = getattr(self.update_fn, "pending_feedback", None)
+        if fn is None:
+            return None
+        try:
+            return int(fn())
+        except Exception as e:  # noqa: BLE001 -- a database hiccup must not stop the trainer
+            log.warning("counting new feedback failed: %s", e)
+            return None
+
+    def _time_due(self) -> float:
+        """Unix time at which the time trigger fires (given pending feedback); 0 if off."""
+        if self.schedule.after_seconds <= 0:
+            return 0.0
+        return max(self.last_update_unix, self._clock_origin) + self.schedule.after_seconds
+
+    def next_round(self, pending: int | None) -> tuple[str, float]:
+        """(description, unix time) of what starts the next round by itself."""
+        sch = self.schedule
+        if not sch.enabled or not hasattr(self.update_fn, "pending_feedback"):
+            return "manual trigger only", 0.0
+        if self.busy:
+            return "a round is running", 0.0
+        parts = []
+        so_far = "?" if pending is None else str(pending)
+        if sch.after_feedback > 0:
+            parts.append(f"at {sch.after_feedback} new feedback rows ({so_far} so far)")
+        due = self._time_due()
+        if due:
+            when = time.strftime("%H:%M:%S UTC", time.gmtime(due))
+            parts.append(f"at {when} if any feedback is new" if not pending else f"at {when}")
+        return " or ".join(parts), (due if pending else 0.0)
+
     def status(self) -> dict[str, Any]:
+        pending = self.pending_feedback()
+        next_round, next_unix = self.next_round(pending)
         return {
             "step": self.step,
             "policy_version": self.policy_store.current() or "",
@@ -106,6 +202,10 @@ class TrainerCore:
             "busy": self.busy,
             "last_update_unix": self.last_update_unix,
             "policy_versions": self.policy_store.versions(),
+            "pending_feedback": -1 if pending is None else pending,
+            "next_round": next_round,
+            "next_round_unix": next_unix,
+            "last_outcome": self.last_outcome,
         }
 
     # -- update rounds ----------------------------------------------------------------------
@@ -134,25 +234,53 @@ class TrainerCore:
                 version, raw = await asyncio.to_thread(self.update_fn, self)
             except Exception as e:
                 self.last_message = f"update failed: {type(e).__name__}: {e}"
+                self.last_outcome = "failed"
+                self.last_update_unix = time.time()
+                await asyncio.to_thread(self._save_status)
                 raise
             finally:
                 self.busy = False
                 self.last_update_unix = time.time()
-            numeric, message = _split_metrics(raw)
+            numeric, message, outcome = _split_metrics(raw)
             self.step += 1
             self.metrics.trainer_steps.labels(self.metrics.service).inc()
             self.last_metrics = numeric
             self.last_message = message or (f"published {version}" if version else "no new version")
+            self.last_outcome = "published" if version else (outcome or "nothing to learn")
+            await asyncio.to_thread(self._save_status)
             if version:
                 version_path(self.policy_store, version)  # the round must have saved what it returns
                 self.announce(version, "publish")
+            log.info("round %d: %s: %s", self.step, self.last_outcome, self.last_message)
             return RoundResult(bool(version), self.policy_store.current() or "", numeric, self.last_message,
-                               self.step)
+                               self.step, self.last_outcome)
 
     async def run_periodically(self, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
             await self._round_logged()
+
+    async def run_scheduled(self) -> None:
+        """Start rounds by themselves as :class:`RoundSchedule` says (see there)."""
+        sch = self.schedule
+        if not sch.enabled or not hasattr(self.update_fn, "pending_feedback"):
+            return
+        log.info("automatic rounds: at %s new feedback rows or %ss after the last round with new feedback",
+                 sch.after_feedback or "(off)", sch.after_seconds or "(off)")
+        while not self._closed:
+            await asyncio.sleep(sch.poll)
+            if self._round_lock.locked():
+                continue
+            pending = await asyncio.to_thread(self.pending_feedback)
+            if not pending:
+                continue
+            by_count = sch.after_feedback > 0 and pending >= sch.after_feedback
+            due = self._time_due()
+            by_time = bool(due) and time.time() >= due
+            if by_count or by_time:
+                log.info("starting a round: %d new feedback rows (%s)", pending,
+                         "count reached" if by_count else "time reached")
+                await self._round_logged()
 
     # -- versions ---------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ Transport lives here; the learning itself is in :mod:`palm_rlhf.rl.online` and
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import math
@@ -82,7 +83,9 @@ class OnlineSettings:
     environment names are listed in docs/online.md)."""
 
     reward_scorer: str = "learned"  # REWARD_SCORER: training reward, see parse_scorer
-    algorithm: str = "rloo"  # RL_ALGORITHM: ppo | grpo | rloo (critic-free ones are cheaper on CPU)
+    # RL_ALGORITHM: ppo | grpo | drgrpo | rloo (rollouts scored by the reward; the critic-free ones are
+    # cheaper on CPU), or dpo | ipo | kto (trained straight on the logged training-side pairs)
+    algorithm: str = "rloo"
     actor_finetune: str = "lora"  # ACTOR_FINETUNE: lora | last_n
     lora_r: int = 8  # ACTOR_LORA_R
     last_n_layers: int = 1  # ACTOR_LAST_N
@@ -90,23 +93,27 @@ class OnlineSettings:
     prompts_per_iteration: int = 8  # RL_PROMPTS
     group_size: int = 4  # RL_GROUP_SIZE: samples per prompt (>= 2 for grpo/rloo)
     max_new_tokens: int = 48  # RL_MAX_NEW_TOKENS
-    temperature: float = 1.0  # RL_TEMPERATURE: 1.0 keeps the sampler's log-probs the policy's own
-    lr: float = 1e-3  # RL_LR
+    temperature: float = 1.0  # RL_TEMPERATURE: rollouts record the log-probs of the distribution sampled
+    lr: float = 2e-3  # RL_LR
     epochs: int = 2  # RL_EPOCHS
     minibatch_size: int = 16  # RL_MINIBATCH
     kl_coef: float = 0.05  # KL_COEF: initial beta
     kl_target: float = 0.0  # KL_TARGET: > 0 turns on the adaptive controller (nats per response)
     min_new_feedback: int = 1  # MIN_NEW_FEEDBACK: rows needed before a round trains
     max_train_prompts: int = 512  # MAX_TRAIN_PROMPTS: most recent logged prompts trained on
-    heldout_fraction: float = 0.2  # HELDOUT_FRACTION: share of prompts held out (by hash)
-    eval_prompts: int = 32  # EVAL_PROMPTS: held-out prompts sampled by the gate
+    heldout_fraction: float = 0.2  # HELDOUT_FRACTION: share of prompts (gate) and of pairs (reward) held out
+    eval_prompts: int = 32  # EVAL_PROMPTS: prompts sampled by the gate (held-out ones first)
+    eval_samples: int = 2  # EVAL_SAMPLES: seeded answers per gate prompt
     eval_prompts_file: str = ""  # EVAL_PROMPTS_FILE: extra held-out prompts, one per line
     eval_pairs: int = 64  # EVAL_PAIRS: most recent held-out human pairs checked by the gate
     reward_refit: bool = True  # REWARD_REFIT
-    reward_steps: int = 40  # REWARD_STEPS
-    reward_lr: float = 3e-4  # REWARD_LR
-    reward_min_heldout: int = 4  # REWARD_MIN_HELDOUT: held-out pairs needed to publish a refit
-    gate_reward_tolerance: float = 0.02  # GATE_REWARD_TOLERANCE
+    reward_refit_mode: str = "head"  # REWARD_REFIT_MODE: head (cached trunk features) | lora
+    reward_steps: int = 300  # REWARD_STEPS: full-batch steps (head) or minibatch steps (lora)
+    reward_lr: float = 1e-2  # REWARD_LR (lora: use about 3e-4)
+    reward_min_heldout: int = 8  # REWARD_MIN_HELDOUT: held-out pairs needed to publish a refit
+    reward_alpha: float = 0.05  # REWARD_ALPHA: sign-test level a refit must beat the current reward at
+    gate_reward_confidence: float = 1.645  # GATE_REWARD_CONFIDENCE: paired t the candidate's gain needs
+    gate_min_reward_gain: float = 0.0  # GATE_MIN_REWARD_GAIN: and at least this mean gain
     kl_budget: float = 12.0  # KL_BUDGET: nats per response, candidate vs the reference
     gate_max_repetition: float = 0.25  # GATE_MAX_REPETITION
     gate_min_length_ratio: float = 0.5  # GATE_MIN_LENGTH_RATIO
@@ -126,7 +133,9 @@ class OnlineSettings:
         "heldout_fraction": "HELDOUT_FRACTION", "eval_prompts": "EVAL_PROMPTS",
         "eval_prompts_file": "EVAL_PROMPTS_FILE", "eval_pairs": "EVAL_PAIRS", "reward_refit": "REWARD_REFIT",
         "reward_steps": "REWARD_STEPS", "reward_lr": "REWARD_LR", "reward_min_heldout": "REWARD_MIN_HELDOUT",
-        "gate_reward_tolerance": "GATE_REWARD_TOLERANCE", "kl_budget": "KL_BUDGET",
+        "reward_refit_mode": "REWARD_REFIT_MODE", "reward_alpha": "REWARD_ALPHA", "eval_samples": "EVAL_SAMPLES",
+        "gate_reward_confidence": "GATE_REWARD_CONFIDENCE", "gate_min_reward_gain": "GATE_MIN_REWARD_GAIN",
+        "kl_budget": "KL_BUDGET",
         "gate_max_repetition": "GATE_MAX_REPETITION", "gate_min_length_ratio": "GATE_MIN_LENGTH_RATIO",
         "gate_max_length_ratio": "GATE_MAX_LENGTH_RATIO", "gate_pair_tolerance": "GATE_PAIR_TOLERANCE",
         "gate_min_pairs": "GATE_MIN_PAIRS", "seed": "ONLINE_SEED", "threads": "TRAINER_THREADS",
@@ -146,17 +155,25 @@ class OnlineSettings:
 
     def validate(self) -> None:
         parse_scorer(self.reward_scorer)
-        if self.algorithm not in ("ppo", "grpo", "rloo"):
-            raise ValueError(f"PALM_RLHF_RL_ALGORITHM must be ppo, grpo or rloo, got {self.algorithm!r}")
+        if self.algorithm not in ("ppo", "grpo", "drgrpo", "rloo", "dpo", "ipo", "kto"):
+            raise ValueError("PALM_RLHF_RL_ALGORITHM must be ppo, grpo, drgrpo, rloo, dpo, ipo or kto, "
+                             f"got {self.algorithm!r}")
         if self.actor_finetune not in ("lora", "last_n"):
             raise ValueError(f"PALM_RLHF_ACTOR_FINETUNE must be lora or last_n, got {self.actor_finetune!r}")
-        if self.algorithm in ("grpo", "rloo") and self.group_size < 2:
+        if self.algorithm in ("grpo", "drgrpo", "rloo") and self.group_size < 2:
             raise ValueError(f"{self.algorithm} needs PALM_RLHF_RL_GROUP_SIZE >= 2")
+        if self.algorithm in ("ppo", "grpo", "drgrpo", "rloo") and not self.temperature > 0:
+            raise ValueError(f"{self.algorithm} needs sampled rollouts: PALM_RLHF_RL_TEMPERATURE > 0")
+        if self.algorithm in ("dpo", "ipo", "kto") and not self.kl_coef > 0:
+            raise ValueError(f"{self.algorithm} uses PALM_RLHF_KL_COEF as its beta, which must be > 0")
+        if self.reward_refit_mode not in ("head", "lora"):
+            raise ValueError(f"PALM_RLHF_REWARD_REFIT_MODE must be head or lora, got {self.reward_refit_mode!r}")
 
     def gate_config(self):
         from palm_rlhf.rl.online import GateConfig
 
-        return GateConfig(reward_tolerance=self.gate_reward_tolerance, kl_budget=self.kl_budget,
+        return GateConfig(reward_confidence=self.gate_reward_confidence, min_reward_gain=self.gate_min_reward_gain,
+                          kl_budget=self.kl_budget,
                           min_length_ratio=self.gate_min_length_ratio, max_length_ratio=self.gate_max_length_ratio,
                           max_repetition=self.gate_max_repetition, pair_tolerance=self.gate_pair_tolerance,
                           min_pairs=self.gate_min_pairs)
@@ -261,6 +278,9 @@ class FeedbackLog:
 
     def get_completion(self, completion_id: str) -> Any:
         return self._open().get_completion(completion_id)
+
+    def count_since(self, since_id: int) -> int:
+        return self._open().count_feedback_since(since_id)
 
     def close(self) -> None:
         if self._store is not None:
@@ -368,6 +388,7 @@ class OnlineLoop:
         self.feedback = FeedbackLog(database_url)
         self.clients = clients
         self.device = device
+        self._features: dict[str, Any] = {}  # the head refit's feature cache, for one reward trunk
 
     # -- step 1: feedback ----------------------------------------------------------------
 
@@ -393,44 +414,54 @@ class OnlineLoop:
     # -- step 2: reward model --------------------------------------------------------------
 
     def refit_reward(self, core: Any, data: dict[str, list[Any]]) -> dict[str, Any]:
+        """Refit the learned reward on the training side of the logged pairs and ratings,
+        warm-started from the last refit, and publish it when it beats the current reward
+        version on the held-out pairs with confidence (:func:`reward_publish_decision`)."""
+        import torch
+
         from palm_rlhf.reward import RewardModel
-        from palm_rlhf.rl.feedback import split_heldout
-        from palm_rlhf.rl.online import (
-            RewardRefitConfig,
-            pairwise_accuracy,
-            refit_reward_model,
-            reward_publish_decision,
-        )
+        from palm_rlhf.rl.online import reward_publish_decision, split_pairs
         from palm_rlhf.tokenizer import load_tokenizer
 
         s = self.settings
-        train_pairs, held_pairs = split_heldout(data["pair"])
-        train_ratings, _ = split_heldout(data["rating"])
+        pairs = [p for p in data["pair"] if p.chosen and p.rejected]
+        train_pairs, held_pairs = split_pairs(pairs, s.heldout_fraction)
+        train_ratings, _ = split_pairs(data["rating"], s.heldout_fraction)
         current = core.reward_store.current()
         if current is None:
             return {"reward_published": 0.0, "reward_message": "the reward store is empty"}
         if not train_pairs and not train_ratings:
             return {"reward_published": 0.0, "reward_message": "no training pairs or ratings yet"}
-        model, manifest = RewardModel.from_checkpoint(core.reward_store.path(current), device=self.device)
-        model = model.float()
+        served, manifest = RewardModel.from_checkpoint(core.reward_store.path(current), device=self.device)
+        served = served.float().eval()
         tok = load_tokenizer(manifest.get("tokenizer"))
-        before = pairwise_accuracy(model, tok, held_pairs)
-        stats = refit_reward_model(model, tok, train_pairs, train_ratings,
-                                   RewardRefitConfig(steps=s.reward_steps, lr=s.reward_lr, seed=s.seed + len(data["pair"])))
-        after = pairwise_accuracy(model, tok, held_pairs)
-        ok, why = reward_publish_decision(before, after, len(held_pairs), s.reward_min_heldout)
-        out: dict[str, Any] = {"reward_heldout_accuracy_before": before, "reward_heldout_accuracy_after": after,
+        candidate = copy.deepcopy(served)
+        warm = self._load_refit_state(candidate, s.reward_refit_mode)
+        t0 = time.monotonic()
+        if s.reward_refit_mode == "head":
+            before, after, stats = self._refit_head(served, candidate, tok, train_pairs, held_pairs, train_ratings)
+        else:
+            before, after, stats = self._refit_lora(served, candidate, tok, train_pairs, held_pairs, train_ratings,
+                                                    seed=s.seed + len(pairs))
+        self._save_refit_state(candidate, s.reward_refit_mode)
+        ok, why = reward_publish_decision(before, after, s.reward_min_heldout, s.reward_alpha)
+        n = max(len(held_pairs), 1)
+        acc_b, acc_a = (sum(before) / n, sum(after) / n) if held_pairs else (float("nan"), float("nan"))
+        out: dict[str, Any] = {"reward_heldout_accuracy_before": acc_b, "reward_heldout_accuracy_after": acc_a,
                                "reward_heldout_pairs": float(len(held_pairs)), "reward_train_pairs": float(len(train_pairs)),
-                               "reward_train_ratings": float(len(train_ratings)), **stats}
+                               "reward_train_ratings": float(len(train_ratings)), "reward_warm_start": float(warm),
+                               "reward_refit_seconds": time.monotonic() - t0, **stats}
         if not ok:
             log.info("reward refit not published: %s", why)
             return {**out, "reward_published": 0.0, "reward_message": why}
-        version = core.reward_store.save(
-            model, model.palm.config, parent=current, tokenizer=manifest.get("tokenizer"),
-            metadata={"reward_head": model.head_config(), "heldout_accuracy": after,
-                      "parent_heldout_accuracy": before, "heldout_pairs": len(held_pairs),
-                      "train_pairs": len(train_pairs), "train_ratings": len(train_ratings)},
-        )
+        with torch.no_grad():
+            version = core.reward_store.save(
+                candidate, candidate.palm.config, parent=current, tokenizer=manifest.get("tokenizer"),
+                metadata={"reward_head": candidate.head_config(), "heldout_accuracy": acc_a,
+                          "parent_heldout_accuracy": acc_b, "heldout_pairs": len(held_pairs),
+                          "train_pairs": len(train_pairs), "train_ratings": len(train_ratings),
+                          "fitted_on_feedback": True, "refit_mode": s.reward_refit_mode},
+            )
         try:
             self.clients.reward_load_version(version)
         except Exception as e:  # noqa: BLE001 -- the store's CURRENT is already right; a restart picks it up
@@ -438,6 +469,100 @@ class OnlineLoop:
             why += f" (the reward service did not load it yet: {type(e).__name__})"
         log.info("published reward %s: %s", version, why)
         return {**out, "reward_published": 1.0, "reward_version_published": version, "reward_message": why}
+
+    def _refit_head(self, served, candidate, tok, train_pairs, held_pairs, train_ratings):
+        """Head-only refit on cached trunk features: returns (before, after, stats)."""
+        import torch
+
+        from palm_rlhf.rl.online import HeadFitConfig, fit_reward_head, head_pair_correct, reward_features
+
+        s = self.settings
+        fp = _trunk_fingerprint(served)
+        if self._features.get("trunk") != fp:
+            self._features = {"trunk": fp, "cache": {}}
+        cache = self._features["cache"]
+
+        def feats(prompts, responses):
+            return reward_features(served, tok, prompts, responses, cache=cache)
+
+        hc = feats([p.prompt_text for p in held_pairs], [p.chosen for p in held_pairs])
+        hr = feats([p.prompt_text for p in held_pairs], [p.rejected for p in held_pairs])
+        tc = feats([p.prompt_text for p in train_pairs], [p.chosen for p in train_pairs])
+        tr = feats([p.prompt_text for p in train_pairs], [p.rejected for p in train_pairs])
+        rf = feats([e.prompt_text for e in train_ratings], [e.response for e in train_ratings])
+        labels = torch.tensor([min(e.label, max(served.num_binned_output - 1, 0)) for e in train_ratings],
+                              dtype=torch.long)
+        before = head_pair_correct(served, hc, hr)
+        stats = fit_reward_head(candidate, tc, tr, rf if len(train_ratings) else None,
+                                labels if len(train_ratings) else None,
+                                HeadFitConfig(steps=s.reward_steps, lr=s.reward_lr, seed=s.seed))
+        stats["reward_train_accuracy"] = (sum(head_pair_correct(candidate, tc, tr)) / len(train_pairs)
+                                          if train_pairs else float("nan"))
+        return before, head_pair_correct(candidate, hc, hr), stats
+
+    def _refit_lora(self, served, candidate, tok, train_pairs, held_pairs, train_ratings, seed: int):
+        """The slower refit of the head and the reward LoRA (REWARD_REFIT_MODE=lora)."""
+        from palm_rlhf.rl.online import RewardRefitConfig, refit_reward_model, reward_scores
+
+        s = self.settings
+
+        def correct(model):
+            if not held_pairs:
+                return []
+            ch = reward_scores(model, tok, [p.prompt_text for p in held_pairs], [p.chosen for p in held_pairs])
+            rj = reward_scores(model, tok, [p.prompt_text for p in held_pairs], [p.rejected for p in held_pairs])
+            return [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(ch.tolist(), rj.tolist())]
+
+        before = correct(served)
+        stats = refit_reward_model(candidate, tok, train_pairs, train_ratings,
+                                   RewardRefitConfig(steps=s.reward_steps, lr=s.reward_lr, seed=seed))
+        return before, correct(candidate), stats
+
+    def _refit_state_path(self, mode: str) -> Path:
+        return self.files.dir / f"reward-refit-{mode}.safetensors"
+
+    def _trainable_reward_state(self, model, mode: str) -> dict[str, Any]:
+        names = {id(p) for p in (model.to_pred.parameters() if mode == "head" else model.finetune_parameters())}
+        return {k: p for k, p in model.named_parameters() if id(p) in names}
+
+    def _load_refit_state(self, model, mode: str) -> bool:
+        """Continue from the last refit (published or not) when its shapes fit; True if so."""
+        path = self._refit_state_path(mode)
+        if not path.is_file():
+            return False
+        from safetensors.torch import load_file
+
+        try:
+            saved = load_file(str(path))
+        except Exception as e:  # noqa: BLE001 -- a torn file only costs the warm start
+            log.warning("ignoring the unreadable refit state %s: %s", path, e)
+            return False
+        own = self._trainable_reward_state(model, mode)
+        if set(saved) != set(own) or any(saved[k].shape != own[k].shape for k in own):
+            return False
+        import torch
+
+        with torch.no_grad():
+            for k, p in own.items():
+                p.copy_(saved[k].to(p.dtype))
+        return True
+
+    def _save_refit_state(self, model, mode: str) -> None:
+        from safetensors.torch import save_file
+
+        path = self._refit_state_path(mode)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        save_file({k: p.detach().float().contiguous().cpu() for k, p in self._trainable_reward_state(model, mode).items()},
+                  str(tmp))
+        os.replace(tmp, path)
+
+    def _reward_fitted(self, core: Any) -> bool:
+        """Whether the current learned reward was fitted on feedback (not the seeded head)."""
+        current = core.reward_store.current()
+        if current is None:
+            return False
+        meta = core.reward_store.manifest(current).get("metadata") or {}
+        return bool(meta.get("fitted_on_feedback")) or int(meta.get("train_pairs", 0) or 0) > 0
 
     # -- step 3 and 4: policy -------------------------------------------------------------
 
@@ -468,6 +593,7 @@ class OnlineLoop:
             merged_policy_state,
             policy_update,
             response_text,
+            split_pairs,
             usable_pairs,
         )
         from palm_rlhf.rl.rollout import rollout
@@ -476,7 +602,11 @@ class OnlineLoop:
         s = self.settings
         current = core.policy_store.current()
         if current is None:
-            return None, {"message": "the policy store is empty"}
+            return None, {"message": "the policy store is empty", "outcome": "nothing to learn"}
+        if "learned" in parse_scorer(s.reward_scorer) and not self._reward_fitted(core):
+            return None, {"message": "waiting for a learned reward fitted on feedback (the seeded reward head "
+                                     "ranks at random; the policy does not train against it)",
+                          "outcome": "waiting"}
         palm, manifest = load_palm(core.policy_store.path(current), device=self.device, dtype=torch.float32)
         tok = load_tokenizer(manifest.get("tokenizer"))
         limit = palm.config.max_seq_len - s.max_new_tokens
@@ -495,16 +625,22 @@ class OnlineLoop:
             if len(eval_texts) < s.eval_prompts and len(ids) <= limit:
                 eval_texts.append(text)
                 eval_ids.append(ids)
-        for p in reversed(held_prompts):
+        # then the most recent training prompts, when people asked too few distinct questions
+        # to hold enough out (both policies still meet the same prompts and seeds)
+        for p in [*reversed(held_prompts), *reversed(train_prompts)]:
             if len(eval_texts) >= s.eval_prompts:
                 break
+            if p.prompt_text in eval_texts:
+                continue
             eval_texts.append(p.prompt_text)
             eval_ids.append(p.prompt_token_ids)
         if not train_prompts:
-            return None, {"message": "no logged prompts to train on yet"}
+            return None, {"message": "no logged prompts to train on yet", "outcome": "nothing to learn"}
         if not eval_ids:
-            return None, {"message": "no held-out prompts to check a candidate on yet (the gate needs them)"}
-        _, held_pairs = split_heldout(data["pair"])
+            return None, {"message": "no held-out prompts to check a candidate on yet (the gate needs them)",
+                          "outcome": "nothing to learn"}
+        # the human pairs the reward refit never trained on
+        _, held_pairs = split_pairs([p for p in data["pair"] if p.chosen and p.rejected], s.heldout_fraction)
         held_pairs = usable_pairs([p for p in held_pairs if fits(p)])[-s.eval_pairs :]
 
         torch.manual_seed(s.seed + state.rounds)
@@ -516,41 +652,76 @@ class OnlineLoop:
                       last_n_layers=s.last_n_layers)
         optim = torch.optim.AdamW(actor.trainable_parameters(), lr=s.lr, weight_decay=0.0)
         critic_optim = torch.optim.AdamW(critic.trainable_parameters(), lr=s.lr) if critic is not None else None
-        beta = state.kl_coef if state.kl_coef is not None else s.kl_coef
-        kl_ctl = AdaptiveKLController(beta, s.kl_target) if s.kl_target > 0 else FixedKLController(beta)
-        ucfg = PolicyUpdateConfig(algorithm=s.algorithm, epochs=s.epochs, minibatch_size=s.minibatch_size)
         newline = tok.encode("\n")
         stops = tuple(sorted({tok.eos_id, *newline[:1]}))
-        params = SamplingParams(n=s.group_size,
-                                max_new_tokens=s.max_new_tokens, temperature=s.temperature, stop_token_ids=stops)
-        text_of = {tuple(p.prompt_token_ids): p.prompt_text for p in train_prompts}
-        rng = random.Random(s.seed * 1_000_003 + state.rounds)
-        agg: dict[str, list[float]] = {}
         t0 = time.monotonic()
-        for it in range(s.iterations):
-            batch = rng.sample(train_prompts, min(s.prompts_per_iteration, len(train_prompts)))
-            # a seed per prompt: one shared seed would give every prompt the same random stream
-            per_prompt = [replace(params, seed=rng.randrange(2**31)) for _ in batch]
-            ro = rollout(palm, [p.prompt_token_ids for p in batch], per_prompt, finetune_scope=actor.scope,
-                         value_fn=(lambda seq, mask: critic(seq)) if critic is not None else None,
-                         pad_id=tok.pad_id)
-            refs = self.clients.ref_logprobs(ro.prompts, ro.responses)
-            ro.ref_logprobs = _place(refs, ro)
-            texts = [response_text(tok, r) for r in ro.responses]
-            ro.scores = torch.tensor(self.clients.score([text_of[tuple(p)] for p in ro.prompts], texts,
-                                                        s.reward_scorer), dtype=torch.float32)
-            stats = policy_update(actor, optim, ro, ucfg, kl_ctl.value, params.n, critic=critic,
-                                  critic_optim=critic_optim, seed=s.seed + it)
-            kl_ctl.update(stats["rollout_kl"], len(ro))
-            for k, v in stats.items():
-                agg.setdefault(k, []).append(v)
-            log.info("round %d iteration %d/%d: score %.3f kl %.3f beta %.4f", state.rounds + 1, it + 1,
-                     s.iterations, stats["score_mean"], stats["rollout_kl"], kl_ctl.value)
-        state.kl_coef = kl_ctl.value
-        metrics: dict[str, Any] = {f"train_{k}": sum(v) / len(v) for k, v in agg.items()}
-        metrics["train_score_first"] = agg["score_mean"][0]
-        metrics["train_score_last"] = agg["score_mean"][-1]
-        metrics["kl_coef"] = kl_ctl.value
+        if s.algorithm in ("dpo", "ipo", "kto"):
+            # preference optimisation straight from the logged training-side pairs: no rollouts and
+            # no reward model; the reference service's log-probs anchor the implicit KL leash
+            # (beta = KL_COEF), and the candidate meets the same gate as an RL one
+            from palm_rlhf.rl.online import PreferenceUpdateConfig, mismatched_completions, preference_update
+
+            max_len = palm.config.max_seq_len
+            train_pairs, _ = split_pairs([p for p in data["pair"] if p.chosen and p.rejected], s.heldout_fraction)
+            train_pairs = usable_pairs([
+                p for p in train_pairs
+                if len(p.prompt_token_ids) + max(len(p.chosen_token_ids), len(p.rejected_token_ids)) <= max_len
+            ])[-s.max_train_prompts :]
+            if not train_pairs:
+                return None, {"message": "no preference pairs to train on yet", "outcome": "nothing to learn"}
+
+            def ref_sums(prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]]) -> list[float]:
+                return [sum(x) for x in self.clients.ref_logprobs(prompts, answers)]
+
+            pair_prompts = [p.prompt_token_ids for p in train_pairs]
+            ref_c = ref_sums(pair_prompts, [p.chosen_token_ids for p in train_pairs])
+            ref_r = ref_sums(pair_prompts, [p.rejected_token_ids for p in train_pairs])
+            extra: dict[str, Any] = {}
+            if s.algorithm == "kto":  # KTO's reference point z0, from mismatched (prompt, answer) rows
+                extra["ref_mismatched_logps"] = ref_sums(*mismatched_completions(train_pairs, max_len))
+            pcfg = PreferenceUpdateConfig(algorithm=s.algorithm, beta=s.kl_coef, epochs=s.epochs,
+                                          minibatch_size=s.minibatch_size, seed=s.seed + state.rounds)
+            stats = preference_update(actor, optim, train_pairs, ref_c, ref_r, pcfg, max_len=max_len,
+                                      pad_id=tok.pad_id, **extra)
+            metrics: dict[str, Any] = {f"train_{k}": v for k, v in stats.items()}
+            metrics["train_beta"] = s.kl_coef
+            log.info("round %d %s on %d pairs: loss %.4f -> %.4f, margin %.3f, accuracy %.3f", state.rounds + 1,
+                     s.algorithm, len(train_pairs), stats["loss_first"], stats["loss_last"], stats["reward_margin"],
+                     stats["accuracy"])
+        else:
+            beta = state.kl_coef if state.kl_coef is not None else s.kl_coef
+            kl_ctl = AdaptiveKLController(beta, s.kl_target) if s.kl_target > 0 else FixedKLController(beta)
+            ucfg = PolicyUpdateConfig(algorithm=s.algorithm, epochs=s.epochs, minibatch_size=s.minibatch_size,
+                                      max_new_tokens=s.max_new_tokens, temperature=s.temperature)
+            params = SamplingParams(n=s.group_size,
+                                    max_new_tokens=s.max_new_tokens, temperature=s.temperature, stop_token_ids=stops)
+            text_of = {tuple(p.prompt_token_ids): p.prompt_text for p in train_prompts}
+            rng = random.Random(s.seed * 1_000_003 + state.rounds)
+            agg: dict[str, list[float]] = {}
+            for it in range(s.iterations):
+                batch = rng.sample(train_prompts, min(s.prompts_per_iteration, len(train_prompts)))
+                # a seed per prompt: one shared seed would give every prompt the same random stream
+                per_prompt = [replace(params, seed=rng.randrange(2**31)) for _ in batch]
+                ro = rollout(palm, [p.prompt_token_ids for p in batch], per_prompt, finetune_scope=actor.scope,
+                             value_fn=(lambda seq, mask: critic(seq)) if critic is not None else None,
+                             pad_id=tok.pad_id)
+                refs = self.clients.ref_logprobs(ro.prompts, ro.responses)
+                ro.ref_logprobs = _place(refs, ro)
+                texts = [response_text(tok, r) for r in ro.responses]
+                ro.scores = torch.tensor(self.clients.score([text_of[tuple(p)] for p in ro.prompts], texts,
+                                                            s.reward_scorer), dtype=torch.float32)
+                stats = policy_update(actor, optim, ro, ucfg, kl_ctl.value, params.n, critic=critic,
+                                      critic_optim=critic_optim, seed=s.seed + it)
+                kl_ctl.update(stats["rollout_kl"], len(ro))
+                for k, v in stats.items():
+                    agg.setdefault(k, []).append(v)
+                log.info("round %d iteration %d/%d: score %.3f kl %.3f beta %.4f", state.rounds + 1, it + 1,
+                         s.iterations, stats["score_mean"], stats["rollout_kl"], kl_ctl.value)
+            state.kl_coef = kl_ctl.value
+            metrics = {f"train_{k}": sum(v) / len(v) for k, v in agg.items()}
+            metrics["train_score_first"] = agg["score_mean"][0]
+            metrics["train_score_last"] = agg["score_mean"][-1]
+            metrics["kl_coef"] = kl_ctl.value
         metrics["train_seconds"] = time.monotonic() - t0
 
         # -- the gate
@@ -567,7 +738,8 @@ class OnlineLoop:
             return self.clients.score(prompts, texts, s.reward_scorer)
 
         common = {"ref_logprobs_fn": self.clients.ref_logprobs, "reward_fn": reward_fn, "pairs": held_pairs,
-                      "pair_ref_logps": pair_refs, "seed": s.seed + 7919 * (state.rounds + 1)}
+                  "pair_ref_logps": pair_refs, "seed": s.seed + 7919 * (state.rounds + 1),
+                  "samples_per_prompt": s.eval_samples}
         if frozen_current is not None:
             cur_eval = evaluate_policy(frozen_current, tok, eval_texts, eval_ids, eval_params, **common)
             cand_eval = evaluate_policy(palm, tok, eval_texts, eval_ids, eval_params, **common)
@@ -585,7 +757,7 @@ class OnlineLoop:
                  _fmt(cand_eval.pair_agreement), _fmt(cur_eval.mean_reward), _fmt(cur_eval.kl),
                  _fmt(cur_eval.pair_agreement), decision.message)
         if not decision.passed:
-            return None, {**metrics, "message": decision.message}
+            return None, {**metrics, "message": decision.message, "outcome": "rejected"}
         weights = merged_policy_state(palm, actor.scope)
         gate_record = {
             "passed": True, "checks": decision.checks,
@@ -599,7 +771,7 @@ class OnlineLoop:
                                          "feedback_cursor": state.last_feedback_id,
                                          "train": _json_safe({k: v for k, v in metrics.items()
                                                               if k.startswith("train_")})})
-        return version, {**metrics, "message": f"published {version} ({decision.message})"}
+        return version, {**metrics, "message": f"published {version} ({decision.message})", "outcome": "published"}
 
     # -- the round ------------------------------------------------------------------------
 
@@ -614,10 +786,10 @@ class OnlineLoop:
         base = {"feedback_new": float(read), "feedback_skipped": float(skipped),
                 "feedback_cursor": float(state.last_feedback_id)}
         if state.pending_feedback == 0:
-            return None, {**base, "message": "no new feedback"}
+            return None, {**base, "message": "no new feedback", "outcome": "nothing to learn"}
         if state.pending_feedback < self.settings.min_new_feedback:
             return None, {**base, "message": f"waiting for feedback: {state.pending_feedback} new rows, "
-                                             f"{self.settings.min_new_feedback} needed"}
+                                             f"{self.settings.min_new_feedback} needed", "outcome": "waiting"}
         data = self.files.load_data()
         metrics: dict[str, Any] = {**base, "pairs_total": float(len(data["pair"])),
                                    "ratings_total": float(len(data["rating"])),
@@ -629,6 +801,7 @@ class OnlineLoop:
             metrics.update(r)
         version, pm = self.update_policy(core, data, state)
         messages.append("policy: " + str(pm.pop("message", "")))
+        outcome = str(pm.pop("outcome", "published" if version else "nothing to learn"))
         metrics.update(pm)
         state.pending_feedback = 0
         state.rounds += 1
@@ -638,7 +811,28 @@ class OnlineLoop:
         state.history = state.history[-200:]
         self.files.save_state(state)
         metrics["message"] = "; ".join(messages)
+        metrics["outcome"] = outcome
         return version, metrics
+
+    def pending_feedback(self) -> int:
+        """Feedback rows logged after the cursor (what the next round would read); the trainer
+        core's automatic rounds start on this count."""
+        state = self.files.load_state()
+        return self.feedback.count_since(state.last_feedback_id)
+
+
+def _trunk_fingerprint(model: Any) -> str:
+    """A hash of every reward-model tensor outside the head: two versions with the same
+    fingerprint read answers identically, so cached features stay valid between them."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        if name.startswith("to_pred."):
+            continue
+        h.update(name.encode())
+        h.update(t.detach().float().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _place(refs: list[list[float]], ro: Any):

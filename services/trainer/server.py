@@ -12,7 +12,7 @@ import grpc
 from palm_rlhf.proto.v1 import trainer_pb2, trainer_pb2_grpc
 from services.common.metrics import ServiceMetrics
 from services.common.server import serve_app
-from services.trainer.core import TrainerCore, UpdateFn
+from services.trainer.core import RoundSchedule, TrainerCore, UpdateFn
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
     async def Trigger(self, request, context):
         r = await self.core.trigger(wait=request.wait)
         return trainer_pb2.TriggerResponse(published=r.published, policy_version=r.policy_version, metrics=r.metrics,
-                                           message=r.message, step=r.step)
+                                           message=r.message, step=r.step, outcome=r.outcome)
 
     async def WatchVersions(self, request, context):
         async for ann in self.core.watch(send_current=request.send_current):
@@ -62,7 +62,9 @@ class TrainerApp:
     def __init__(self, args: argparse.Namespace, update_fn: UpdateFn | None = None):
         self.args = args
         self.metrics = ServiceMetrics("trainer")
-        self.core = TrainerCore(args.data_dir, update_fn, self.metrics)
+        schedule = RoundSchedule(after_feedback=int(getattr(args, "round_after_feedback", 0) or 0),
+                                 after_seconds=float(getattr(args, "round_after_seconds", 0.0) or 0.0))
+        self.core = TrainerCore(args.data_dir, update_fn, self.metrics, schedule)
         self._tasks: list[asyncio.Task] = []
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
@@ -76,6 +78,8 @@ class TrainerApp:
             self._tasks.append(asyncio.create_task(self.core.poll_store(self.args.store_poll)))
         if self.args.update_interval > 0:
             self._tasks.append(asyncio.create_task(self.core.run_periodically(self.args.update_interval)))
+        elif self.core.schedule.enabled:
+            self._tasks.append(asyncio.create_task(self.core.run_scheduled()))
 
     async def drain(self) -> None:
         for t in self._tasks:

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from palm_rlhf.rl.online import GateConfig, PolicyEval, gate, pair_agreement, repetition_rate
+from palm_rlhf.rl.online import GateConfig, PolicyEval, gate, pair_agreement, paired_gain, repetition_rate
 
 
 def ev(**kw) -> PolicyEval:
@@ -16,7 +16,10 @@ def ev(**kw) -> PolicyEval:
     return PolicyEval(**base)
 
 
-CFG = GateConfig(reward_tolerance=0.02, kl_budget=5.0, max_repetition=0.25, pair_tolerance=0.0, min_pairs=4)
+CFG = GateConfig(reward_confidence=1.645, kl_budget=5.0, max_repetition=0.25, pair_tolerance=0.0, min_pairs=4)
+# per-prompt rewards of a current policy, and a candidate that is better on most prompts
+CUR = [0.5, 0.4, 0.6, 0.5, 0.3, 0.7, 0.5, 0.45, 0.55, 0.5]
+BETTER = [r + d for r, d in zip(CUR, [0.2, 0.1, 0.15, 0.3, 0.2, 0.0, 0.25, 0.1, 0.2, 0.15])]
 
 
 def test_better_candidate_within_every_bound_passes():
@@ -36,14 +39,37 @@ def test_candidate_whose_human_pair_agreement_drops_is_rejected_despite_more_rew
 
 
 def test_human_pair_check_is_skipped_without_enough_held_out_pairs():
-    d = gate(ev(pair_agreement=0.0, num_pairs=2), ev(pair_agreement=1.0), CFG)
+    d = gate(ev(mean_reward=0.7, pair_agreement=0.0, num_pairs=2), ev(pair_agreement=1.0), CFG)
     assert d.passed and "human_pairs" not in d.checks
 
 
-def test_reward_drop_beyond_tolerance_length_and_repetition_are_rejected():
-    assert gate(ev(mean_reward=0.49), ev(), CFG).passed  # within tolerance
-    assert not gate(ev(mean_reward=0.47), ev(), CFG).checks["reward"]
+def test_the_reward_must_improve_with_confidence_on_the_same_prompts():
+    cur = ev(mean_reward=sum(CUR) / len(CUR), rewards=CUR)
+    better = ev(mean_reward=sum(BETTER) / len(BETTER), rewards=BETTER)
+    assert gate(better, cur, CFG).passed
+    # the same candidate is not good enough against itself, nor a slightly lower one
+    assert not gate(cur, cur, CFG).checks["reward"]
+    lower = [r - 0.01 for r in CUR]
+    d = gate(ev(mean_reward=sum(lower) / len(lower), rewards=lower), cur, CFG)
+    assert not d.passed and "not above" in d.message
+    # a higher mean carried by one lucky prompt is noise: rejected for want of confidence
+    lucky = [*CUR[:-1], CUR[-1] + 2.0]
+    mean, t = paired_gain(lucky, CUR)
+    assert mean > 0 and t < 1.645
+    d = gate(ev(mean_reward=sum(lucky) / len(lucky), rewards=lucky), cur, CFG)
+    assert not d.checks["reward"] and "confidence" in d.message
     assert not gate(ev(mean_reward=math.nan), ev(), CFG).checks["reward"]
+
+
+def test_paired_gain_is_the_mean_difference_and_its_t_statistic():
+    assert paired_gain([1.0, 2.0, 3.0], [1.0, 2.0, 3.0]) == (0.0, 0.0)
+    assert paired_gain([2.0, 3.0], [1.0, 2.0]) == (1.0, math.inf)
+    mean, t = paired_gain([1.0, 2.0, 4.0], [0.0, 0.0, 0.0])
+    sd = math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2)
+    assert math.isclose(mean, 7 / 3) and math.isclose(t, (7 / 3) / (sd / math.sqrt(3)))
+
+
+def test_length_and_repetition_are_bounded():
     assert not gate(ev(mean_length=45.0), ev(), CFG).checks["length"]
     assert not gate(ev(mean_length=1.0), ev(), CFG).checks["length"]
     assert not gate(ev(repetition=0.4), ev(), CFG).checks["repetition"]

@@ -9,13 +9,17 @@ import pytest
 import torch
 
 from palm_rlhf.rl.feedback import PreferencePair
-from palm_rlhf.rl.online import pairwise_accuracy, reward_publish_decision
+from palm_rlhf.rl.online import pairwise_accuracy, reward_publish_decision, split_pairs
 from services.trainer.loop import LoopStore, OnlineLoop, OnlineSettings, parse_scorer
 
 from .conftest import LocalClients, StoreCore, add_completion, make_stores, tiny_palm
 
 FAST = {"iterations": 2, "prompts_per_iteration": 2, "group_size": 2, "max_new_tokens": 6, "epochs": 1,
-        "reward_steps": 3, "eval_prompts": 4, "reward_min_heldout": 1, "gate_min_pairs": 1, "heldout_fraction": 0.5}
+        "reward_steps": 3, "eval_prompts": 4, "reward_min_heldout": 1, "gate_min_pairs": 1, "heldout_fraction": 0.5,
+        "eval_samples": 1, "reward_scorer": "sentiment"}  # LocalClients scores with a rule, whatever the name
+OPEN_GATE = {"kl_budget": 1e9, "gate_reward_confidence": -1e9, "gate_min_reward_gain": -1e9,
+             "gate_max_repetition": 1.0, "gate_min_length_ratio": 0.0, "gate_max_length_ratio": 1e9,
+             "gate_pair_tolerance": 1.0}
 
 
 def make_loop(tmp_path, feedback_store, clients=None, **settings) -> OnlineLoop:
@@ -64,16 +68,21 @@ def test_rereading_after_a_crash_before_the_cursor_moved_does_not_duplicate(tmp_
     assert len(data["prompt"]) == 2 and len(data["thumb"]) == 4 and len(data["pair"]) == 2
 
 
-def test_reward_publish_decision_needs_held_out_pairs_and_no_accuracy_drop():
-    assert reward_publish_decision(0.6, 0.7, num_heldout=10)[0]
-    assert reward_publish_decision(0.6, 0.6, num_heldout=10)[0]
-    ok, why = reward_publish_decision(0.7, 0.6, num_heldout=10)
-    assert not ok and "fell" in why
-    assert not reward_publish_decision(0.5, 0.9, num_heldout=2, min_heldout=4)[0]
+def test_reward_publish_decision_wants_a_confident_improvement_on_held_out_pairs():
+    # 12 held-out pairs; the refit fixes 6 the current model got wrong and breaks none: p = 1/64
+    before = [1.0] * 6 + [0.0] * 6
+    assert reward_publish_decision(before, [1.0] * 12, min_heldout=4)[0]
+    # fixing 3 is not enough evidence at the 5% level (p = 1/8), equal is not better, worse is worse
+    ok, why = reward_publish_decision(before, [1.0] * 9 + [0.0] * 3, min_heldout=4)
+    assert not ok and "p=0.125" in why
+    assert not reward_publish_decision(before, before, min_heldout=4)[0]
+    ok, why = reward_publish_decision([1.0] * 12, before, min_heldout=4)
+    assert not ok and "not better" in why
+    assert not reward_publish_decision([0.0] * 2, [1.0] * 2, min_heldout=4)[0]
 
 
-def _pairs(prompts, chosen: str, rejected: str, heldout: bool) -> list[PreferencePair]:
-    return [PreferencePair(p, [1], chosen, rejected, [5], [6], "preference", i, heldout) for i, p in enumerate(prompts)]
+def _pairs(prompts, chosen: str, rejected: str) -> list[PreferencePair]:
+    return [PreferencePair(p, [1], chosen, rejected, [5], [6], "preference", i) for i, p in enumerate(prompts)]
 
 
 def _reward_model(tmp_path):
@@ -85,40 +94,73 @@ def _reward_model(tmp_path):
     return model, ByteTokenizer()
 
 
+def test_pairs_are_held_out_by_pair_so_one_prompt_still_gives_a_held_out_set():
+    prompt = "User: the only question\nAssistant:"
+    pairs = [PreferencePair(prompt, [1], f"answer {i}", f"other {i}", [5], [6], "preference", i) for i in range(200)]
+    train, held = split_pairs(pairs, 0.2)
+    assert 25 <= len(held) <= 55 and len(train) + len(held) == 200
+    assert split_pairs(pairs, 0.2) == (train, held)  # stable across rounds and processes
+
+
 @pytest.mark.parametrize("held_out_agrees_with_training", [True, False])
-def test_reward_refit_is_published_only_if_held_out_accuracy_does_not_drop(tmp_path, feedback_store,
-                                                                          held_out_agrees_with_training):
+def test_reward_refit_is_published_only_if_it_beats_the_current_reward_on_held_out_pairs(
+        tmp_path, feedback_store, held_out_agrees_with_training):
     make_stores(tmp_path)
     model, tok = _reward_model(tmp_path)
     a, b = "sunny and bright", "grey rain all day"
-    prompts = [f"User: question {i}\nAssistant:" for i in range(6)]
-    # orient the held-out pairs the way the starting model already ranks them: accuracy 1.0 before
-    probe = _pairs(prompts[4:], a, b, True)
-    start_agrees_a = pairwise_accuracy(model, tok, probe) == 1.0
-    good, bad = (a, b) if start_agrees_a else (b, a)
-    held = _pairs(prompts[4:], good, bad, True)
-    train = _pairs(prompts[:4], good, bad, False) if held_out_agrees_with_training else \
-        _pairs(prompts[:4], bad, good, False)
+    prompts = [f"User: question {i}\nAssistant:" for i in range(40)]
+    # the answer the seeded head ranks lower on most prompts is the one people prefer: the
+    # current reward is mostly wrong, so a refit has room to be better
+    good, bad = (b, a) if pairwise_accuracy(model, tok, _pairs(prompts, a, b)) > 0.5 else (a, b)
+    held = split_pairs(_pairs(prompts, good, bad), 0.5)[1]
+    train = split_pairs(_pairs(prompts, good, bad) if held_out_agrees_with_training else _pairs(prompts, bad, good),
+                        0.5)[0]
+    assert len(held) >= 8 and len(train) >= 8
     clients = LocalClients(tiny_palm(0), len)
-    loop = make_loop(tmp_path, feedback_store, clients, reward_steps=30, reward_lr=3e-3, reward_min_heldout=2)
+    loop = make_loop(tmp_path, feedback_store, clients, reward_steps=200, reward_min_heldout=4)
     core = StoreCore(tmp_path)
     out = loop.refit_reward(core, {"pair": train + held, "rating": [], "thumb": [], "prompt": []})
-    assert out["reward_heldout_accuracy_before"] == 1.0
+    assert out["reward_heldout_accuracy_before"] < 0.5
     if held_out_agrees_with_training:
         assert out["reward_published"] == 1.0 and out["reward_heldout_accuracy_after"] == 1.0
         assert core.reward_store.current() == "v0002" and clients.loaded == ["v0002"]
         m = core.reward_store.manifest("v0002")
         assert m["parent"] == "v0001" and m["metadata"]["heldout_accuracy"] == 1.0
-        assert "reward_head" in m["metadata"]
+        assert m["metadata"]["fitted_on_feedback"] is True and "reward_head" in m["metadata"]
+        # the published model ranks as the refit did, read back from the store by a fresh process
+        fresh, _ = _reward_model(tmp_path)
+        assert pairwise_accuracy(fresh, tok, held) == 1.0
     else:
-        assert out["reward_heldout_accuracy_after"] < 1.0
-        assert out["reward_published"] == 0.0 and "fell" in out["reward_message"]
+        assert out["reward_heldout_accuracy_after"] <= out["reward_heldout_accuracy_before"]
+        assert out["reward_published"] == 0.0 and "not better" in out["reward_message"]
         assert core.reward_store.versions() == ["v0001"] and clients.loaded == []
 
 
+def test_the_refit_continues_from_the_last_refit_even_when_it_was_not_published(tmp_path, feedback_store):
+    make_stores(tmp_path)
+    prompts = [f"User: question {i}\nAssistant:" for i in range(12)]
+    pairs = _pairs(prompts, "sunny and bright", "grey rain all day")
+    loop = make_loop(tmp_path, feedback_store, reward_steps=5, reward_min_heldout=1000)  # never publishes
+    core = StoreCore(tmp_path)
+    first = loop.refit_reward(core, {"pair": pairs, "rating": [], "thumb": [], "prompt": []})
+    second = loop.refit_reward(core, {"pair": pairs, "rating": [], "thumb": [], "prompt": []})
+    assert first["reward_published"] == second["reward_published"] == 0.0
+    assert first["reward_warm_start"] == 0.0 and second["reward_warm_start"] == 1.0
+    # it picked up where it stopped: the second refit starts from a lower loss
+    assert second["reward_loss_first"] < first["reward_loss_first"] - 1e-4
+
+
+def test_the_policy_does_not_train_against_a_learned_reward_never_fitted_on_feedback(tmp_path, feedback_store):
+    loop = make_loop(tmp_path, feedback_store, reward_scorer="learned", reward_refit=False, **OPEN_GATE)
+    give_feedback(feedback_store, 8)
+    core = StoreCore(tmp_path)
+    version, metrics = loop(core)
+    assert version is None and core.policy_store.versions() == ["v0001"]
+    assert metrics["outcome"] == "waiting" and "fitted on feedback" in metrics["message"]
+
+
 def test_a_round_trains_gates_and_publishes_with_parent_and_gate_metrics(tmp_path, feedback_store):
-    loop = make_loop(tmp_path, feedback_store, kl_budget=1e9, gate_reward_tolerance=1e9, gate_max_repetition=1.0,
-                     gate_min_length_ratio=0.0, gate_max_length_ratio=1e9, gate_pair_tolerance=1.0)
+    loop = make_loop(tmp_path, feedback_store, **OPEN_GATE)
     give_feedback(feedback_store, 8)
     core = StoreCore(tmp_path)
     version, metrics = loop(core)
@@ -166,15 +208,13 @@ def test_settings_come_from_the_environment(monkeypatch):
     assert (s.reward_scorer, s.kl_budget, s.algorithm, s.reward_refit) == ("learned+sentiment", 3.5, "grpo", False)
     assert s.gate_config().kl_budget == 3.5
     monkeypatch.setenv("PALM_RLHF_RL_ALGORITHM", "a2c")
-    with pytest.raises(ValueError, match="ppo, grpo or rloo"):
+    with pytest.raises(ValueError, match="ppo, grpo, drgrpo, rloo, dpo, ipo or kto"):
         OnlineSettings.from_env()
 
 
 @pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
 def test_other_algorithms_run_a_round(tmp_path, feedback_store, algorithm):
-    loop = make_loop(tmp_path, feedback_store, algorithm=algorithm, reward_refit=False, kl_budget=1e9,
-                     gate_reward_tolerance=1e9, gate_max_repetition=1.0, gate_min_length_ratio=0.0,
-                     gate_max_length_ratio=1e9, gate_pair_tolerance=1.0)
+    loop = make_loop(tmp_path, feedback_store, algorithm=algorithm, reward_refit=False, **OPEN_GATE)
     give_feedback(feedback_store, 6)
     version, metrics = loop(StoreCore(tmp_path))
     assert version == "v0002" and "train_policy_loss" in metrics

@@ -152,3 +152,49 @@ def test_text_prompts_rloo_and_spilled_experience(tiny_palm, target_fraction_rew
     assert history[0]["rollouts"] == 12  # 4 timesteps x group of 3
     assert history[0]["spilled"] == 1.0
     assert not list((tmp_path / "spill").rglob("*.bin"))  # temporary files removed
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "drgrpo"])
+def test_constant_normalised_aggregation_trains(tiny_palm, target_fraction_reward, algorithm):
+    """loss_aggregation="seq-mean-token-sum-norm" (Dr. GRPO): each response's token sum is
+    divided by the generation budget, max_seq_len - prompt length; drgrpo also drops the
+    division of the group advantages by their std."""
+    from palm_rlhf.rl.update import policy_step
+
+    palm = tiny_palm()
+    prompts = torch.randint(1, 16, (4, 4))
+    trainer = RLHFTrainer(
+        palm=palm,
+        reward_model=target_fraction_reward(TARGET),
+        prompt_token_ids=prompts,
+        algorithm=algorithm,
+        loss_aggregation="seq-mean-token-sum-norm" if algorithm == "grpo" else None,
+        actor_lora=False,
+        actor_lr=3e-3,
+        minibatch_size=8,
+        group_size=4,
+        seed=0,
+        use_tqdm=False,
+    )
+    assert trainer.update_cfg.aggregation == "seq-mean-token-sum-norm"
+    assert trainer.scale_rewards_by_std == (algorithm == "grpo")
+    before = {k: v.clone() for k, v in palm.state_dict().items()}
+    history = trainer.train(num_episodes=2, max_timesteps=4, update_timesteps=4, max_seq_len=12, eos_token=2)
+    assert len(history) == 2 and all(torch.isfinite(torch.tensor(h["policy_loss"])) for h in history)
+    assert trainer.update_cfg.constant_normalizer == 12 - 4  # the generation budget
+    assert any(not torch.equal(v, palm.state_dict()[k]) for k, v in before.items())
+
+    # the advantages, and the loss of an on-policy step (ratio 1, so the surrogate is -A per token)
+    params = [trainer._sampling_params(p, 12, 2, 1.0, 0, 1.0, 4) for p in trainer.prompt_ids[:2]]
+    ro = trainer.make_experience(trainer.prompt_ids[:2], params)
+    scores = ro.scores.view(-1, 4)
+    centred = scores - scores.mean(1, keepdim=True)
+    seq_adv = centred if algorithm == "drgrpo" else centred / (scores.std(1, keepdim=True) + 1e-6)
+    mask = ro.action_mask
+    torch.testing.assert_close(ro.advantages, seq_adv.reshape(-1, 1) * mask)
+    batch = {"sequences": ro.sequences, "action_mask": mask, "old_logprobs": ro.old_logprobs,
+             "advantages": ro.advantages, "ref_logprobs": ro.ref_logprobs}
+    stats = policy_step(trainer.actor, torch.optim.SGD(trainer.actor.trainable_parameters(), lr=0.0), batch,
+                        trainer.update_cfg)
+    expected = -(seq_adv.reshape(-1) * mask.sum(1)).sum() / 8.0 / len(ro)
+    assert stats["policy_loss"] == pytest.approx(float(expected), abs=1e-5)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n palm_rlhf/proto/v1/trainer.proto\x12\x0cpalm_rlhf.v1\"\x0f\n\rStatusRequest\"\x9c\x02\n\rTrainerStatus\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\x12\x16\n\x0ereward_version\x18\x03 \x01(\t\x12\x42\n\x0clast_metrics\x18\x04 \x03(\x0b\x32,.palm_rlhf.v1.TrainerStatus.LastMetricsEntry\x12\x14\n\x0clast_message\x18\x05 \x01(\t\x12\x0c\n\x04\x62usy\x18\x06 \x01(\x08\x12\x18\n\x10last_update_unix\x18\x07 \x01(\x01\x12\x17\n\x0fpolicy_versions\x18\x08 \x03(\t\x1a\x32\n\x10LastMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x1e\n\x0eTriggerRequest\x12\x0c\n\x04wait\x18\x01 \x01(\x08\"\xc8\x01\n\x0fTriggerResponse\x12\x11\n\tpublished\x18\x01 \x01(\x08\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\x12;\n\x07metrics\x18\x03 \x03(\x0b\x32*.palm_rlhf.v1.TriggerResponse.MetricsEntry\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x0c\n\x04step\x18\x05 \x01(\x03\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\",\n\x14WatchVersionsRequest\x12\x14\n\x0csend_current\x18\x01 \x01(\x08\"q\n\x13VersionAnnouncement\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x18\n\x10previous_version\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x11\n\ttimestamp\x18\x05 \x01(\x01\"\"\n\x0fRollbackRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\"=\n\x10RollbackResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x18\n\x10previous_version\x18\x02 \x01(\t2\xba\x02\n\x07Trainer\x12\x42\n\x06Status\x12\x1b.palm_rlhf.v1.StatusRequest\x1a\x1b.palm_rlhf.v1.TrainerStatus\x12\x46\n\x07Trigger\x12\x1c.palm_rlhf.v1.TriggerRequest\x1a\x1d.palm_rlhf.v1.TriggerResponse\x12X\n\rWatchVersions\x12\".palm_rlhf.v1.WatchVersionsRequest\x1a!.palm_rlhf.v1.VersionAnnouncement0\x01\x12I\n\x08Rollback\x12\x1d.palm_rlhf.v1.RollbackRequest\x1a\x1e.palm_rlhf.v1.RollbackResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n palm_rlhf/proto/v1/trainer.proto\x12\x0cpalm_rlhf.v1\"\x0f\n\rStatusRequest\"\xf9\x02\n\rTrainerStatus\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\x12\x16\n\x0ereward_version\x18\x03 \x01(\t\x12\x42\n\x0clast_metrics\x18\x04 \x03(\x0b\x32,.palm_rlhf.v1.TrainerStatus.LastMetricsEntry\x12\x14\n\x0clast_message\x18\x05 \x01(\t\x12\x0c\n\x04\x62usy\x18\x06 \x01(\x08\x12\x18\n\x10last_update_unix\x18\x07 \x01(\x01\x12\x17\n\x0fpolicy_versions\x18\x08 \x03(\t\x12\x18\n\x10pending_feedback\x18\t \x01(\x03\x12\x12\n\nnext_round\x18\n \x01(\t\x12\x17\n\x0fnext_round_unix\x18\x0b \x01(\x01\x12\x14\n\x0clast_outcome\x18\x0c \x01(\t\x1a\x32\n\x10LastMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x1e\n\x0eTriggerRequest\x12\x0c\n\x04wait\x18\x01 \x01(\x08\"\xd9\x01\n\x0fTriggerResponse\x12\x11\n\tpublished\x18\x01 \x01(\x08\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\x12;\n\x07metrics\x18\x03 \x03(\x0b\x32*.palm_rlhf.v1.TriggerResponse.MetricsEntry\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x0c\n\x04step\x18\x05 \x01(\x03\x12\x0f\n\x07outcome\x18\x06 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\",\n\x14WatchVersionsRequest\x12\x14\n\x0csend_current\x18\x01 \x01(\x08\"q\n\x13VersionAnnouncement\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x18\n\x10previous_version\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x11\n\ttimestamp\x18\x05 \x01(\x01\"\"\n\x0fRollbackRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\"=\n\x10RollbackResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x18\n\x10previous_version\x18\x02 \x01(\t2\xba\x02\n\x07Trainer\x12\x42\n\x06Status\x12\x1b.palm_rlhf.v1.StatusRequest\x1a\x1b.palm_rlhf.v1.TrainerStatus\x12\x46\n\x07Trigger\x12\x1c.palm_rlhf.v1.TriggerRequest\x1a\x1d.palm_rlhf.v1.TriggerResponse\x12X\n\rWatchVersions\x12\".palm_rlhf.v1.WatchVersionsRequest\x1a!.palm_rlhf.v1.VersionAnnouncement0\x01\x12I\n\x08Rollback\x12\x1d.palm_rlhf.v1.RollbackRequest\x1a\x1e.palm_rlhf.v1.RollbackResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,23 +38,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATUSREQUEST']._serialized_start=50
   _globals['_STATUSREQUEST']._serialized_end=65
   _globals['_TRAINERSTATUS']._serialized_start=68
-  _globals['_TRAINERSTATUS']._serialized_end=352
-  _globals['_TRAINERSTATUS_LASTMETRICSENTRY']._serialized_start=302
-  _globals['_TRAINERSTATUS_LASTMETRICSENTRY']._serialized_end=352
-  _globals['_TRIGGERREQUEST']._serialized_start=354
-  _globals['_TRIGGERREQUEST']._serialized_end=384
-  _globals['_TRIGGERRESPONSE']._serialized_start=387
-  _globals['_TRIGGERRESPONSE']._serialized_end=587
-  _globals['_TRIGGERRESPONSE_METRICSENTRY']._serialized_start=541
-  _globals['_TRIGGERRESPONSE_METRICSENTRY']._serialized_end=587
-  _globals['_WATCHVERSIONSREQUEST']._serialized_start=589
-  _globals['_WATCHVERSIONSREQUEST']._serialized_end=633
-  _globals['_VERSIONANNOUNCEMENT']._serialized_start=635
-  _globals['_VERSIONANNOUNCEMENT']._serialized_end=748
-  _globals['_ROLLBACKREQUEST']._serialized_start=750
-  _globals['_ROLLBACKREQUEST']._serialized_end=784
-  _globals['_ROLLBACKRESPONSE']._serialized_start=786
-  _globals['_ROLLBACKRESPONSE']._serialized_end=847
-  _globals['_TRAINER']._serialized_start=850
-  _globals['_TRAINER']._serialized_end=1164
+  _globals['_TRAINERSTATUS']._serialized_end=445
+  _globals['_TRAINERSTATUS_LASTMETRICSENTRY']._serialized_start=395
+  _globals['_TRAINERSTATUS_LASTMETRICSENTRY']._serialized_end=445
+  _globals['_TRIGGERREQUEST']._serialized_start=447
+  _globals['_TRIGGERREQUEST']._serialized_end=477
+  _globals['_TRIGGERRESPONSE']._serialized_start=480
+  _globals['_TRIGGERRESPONSE']._serialized_end=697
+  _globals['_TRIGGERRESPONSE_METRICSENTRY']._serialized_start=651
+  _globals['_TRIGGERRESPONSE_METRICSENTRY']._serialized_end=697
+  _globals['_WATCHVERSIONSREQUEST']._serialized_start=699
+  _globals['_WATCHVERSIONSREQUEST']._serialized_end=743
+  _globals['_VERSIONANNOUNCEMENT']._serialized_start=745
+  _globals['_VERSIONANNOUNCEMENT']._serialized_end=858
+  _globals['_ROLLBACKREQUEST']._serialized_start=860
+  _globals['_ROLLBACKREQUEST']._serialized_end=894
+  _globals['_ROLLBACKRESPONSE']._serialized_start=896
+  _globals['_ROLLBACKRESPONSE']._serialized_end=957
+  _globals['_TRAINER']._serialized_start=960
+  _globals['_TRAINER']._serialized_end=1274
 # @@protoc_insertion_point(module_scope)

@@ -11,7 +11,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TrainerStatus(_message.Message):
-    __slots__ = ("step", "policy_version", "reward_version", "last_metrics", "last_message", "busy", "last_update_unix", "policy_versions")
+    __slots__ = ("step", "policy_version", "reward_version", "last_metrics", "last_message", "busy", "last_update_unix", "policy_versions", "pending_feedback", "next_round", "next_round_unix", "last_outcome")
     class LastMetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -27,6 +27,10 @@ class TrainerStatus(_message.Message):
     BUSY_FIELD_NUMBER: _ClassVar[int]
     LAST_UPDATE_UNIX_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    PENDING_FEEDBACK_FIELD_NUMBER: _ClassVar[int]
+    NEXT_ROUND_FIELD_NUMBER: _ClassVar[int]
+    NEXT_ROUND_UNIX_FIELD_NUMBER: _ClassVar[int]
+    LAST_OUTCOME_FIELD_NUMBER: _ClassVar[int]
     step: int
     policy_version: str
     reward_version: str
@@ -35,7 +39,11 @@ class TrainerStatus(_message.Message):
     busy: bool
     last_update_unix: float
     policy_versions: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, step: _Optional[int] = ..., policy_version: _Optional[str] = ..., reward_version: _Optional[str] = ..., last_metrics: _Optional[_Mapping[str, float]] = ..., last_message: _Optional[str] = ..., busy: _Optional[bool] = ..., last_update_unix: _Optional[float] = ..., policy_versions: _Optional[_Iterable[str]] = ...) -> None: ...
+    pending_feedback: int
+    next_round: str
+    next_round_unix: float
+    last_outcome: str
+    def __init__(self, step: _Optional[int] = ..., policy_version: _Optional[str] = ..., reward_version: _Optional[str] = ..., last_metrics: _Optional[_Mapping[str, float]] = ..., last_message: _Optional[str] = ..., busy: _Optional[bool] = ..., last_update_unix: _Optional[float] = ..., policy_versions: _Optional[_Iterable[str]] = ..., pending_feedback: _Optional[int] = ..., next_round: _Optional[str] = ..., next_round_unix: _Optional[float] = ..., last_outcome: _Optional[str] = ...) -> None: ...
 
 class TriggerRequest(_message.Message):
     __slots__ = ("wait",)
@@ -44,7 +52,7 @@ class TriggerRequest(_message.Message):
     def __init__(self, wait: _Optional[bool] = ...) -> None: ...
 
 class TriggerResponse(_message.Message):
-    __slots__ = ("published", "policy_version", "metrics", "message", "step")
+    __slots__ = ("published", "policy_version", "metrics", "message", "step", "outcome")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -57,12 +65,14 @@ class TriggerResponse(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
     published: bool
     policy_version: str
     metrics: _containers.ScalarMap[str, float]
     message: str
     step: int
-    def __init__(self, published: _Optional[bool] = ..., policy_version: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., message: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
+    outcome: str
+    def __init__(self, published: _Optional[bool] = ..., policy_version: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., message: _Optional[str] = ..., step: _Optional[int] = ..., outcome: _Optional[str] = ...) -> None: ...
 
 class WatchVersionsRequest(_message.Message):
     __slots__ = ("send_current",)
