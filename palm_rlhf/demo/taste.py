@@ -229,3 +229,63 @@ def run_raters(url: str, *, taste: str = "when", minutes: float = 25.0, raters: 
 def save_result(result: SessionResult, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result.to_dict(), indent=1))
+
+
+def kl_per_version(data_dir: str | Path, prompts: Sequence[str], samples: int = 2, max_tokens: int = 48,
+                   seed: int = 1234) -> dict[str, float]:
+    """KL of every stored policy version to the first one (the reference every service leashes
+    to), in nats per answer: seeded answers to ``prompts``, sum over each answer of
+    log pi - log ref, averaged. Read from the checkpoint store, after a run."""
+    import torch
+
+    from palm_rlhf.chat import encode_prompt, format_chat
+    from palm_rlhf.checkpoint import CheckpointStore, load_palm
+    from palm_rlhf.generation import SamplingParams, generate_tokens
+    from palm_rlhf.rl.online import sequence_logps
+    from palm_rlhf.tokenizer import load_tokenizer
+
+    st = CheckpointStore(Path(data_dir) / "checkpoints", "policy")
+    versions = st.versions()
+    ref, manifest = load_palm(st.path(versions[0]), dtype=torch.float32)
+    ref.eval()
+    tok = load_tokenizer(manifest.get("tokenizer"))
+    ids = [encode_prompt(tok, format_chat([{"role": "user", "content": q}])) for q in prompts]
+    stops = tuple(sorted({tok.eos_id, *tok.encode("\n")[:1]}))
+    params = [SamplingParams(n=samples, max_new_tokens=max_tokens, temperature=1.0, seed=seed + 1000 * i,
+                             stop_token_ids=stops) for i in range(len(ids))]
+    out: dict[str, float] = {}
+    for v in versions:
+        model, _ = load_palm(st.path(v), dtype=torch.float32)
+        model.eval()
+        results = generate_tokens(model, ids, params)
+        rows = [(p, c) for p, r in zip(ids, results) for c in r if c.token_ids]
+        ref_sum = sequence_logps(ref, [p for p, _ in rows], [c.token_ids for _, c in rows], pad_id=tok.pad_id)
+        own = torch.tensor([sum(c.logprobs) for _, c in rows])
+        out[v] = float((own - ref_sum).sum()) / max(sum(len(r) for r in results), 1)
+    return out
+
+
+def plot_session(result: SessionResult, kls: dict[str, float], path: Path, title: str = "") -> Path:
+    """The raters' score of served answers and the policy's KL to the reference, per measurement."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ms = result.measurements
+    x = list(range(len(ms)))
+    labels = [f"{m.policy_version}\n{m.reward_version}" for m in ms]
+    fig, ax1 = plt.subplots(figsize=(max(7, 0.9 * len(ms)), 4.2))
+    ax1.plot(x, [100 * m.score for m in ms], "o-", color="tab:green")
+    ax1.set_ylabel("served answers the raters like (%)", color="tab:green")
+    ax1.set_xticks(x, labels, fontsize=7)
+    ax1.set_xlabel("policy / reward version served")
+    ax2 = ax1.twinx()
+    ax2.plot(x, [kls.get(m.policy_version.split("+")[-1], float("nan")) for m in ms], "s--", color="tab:red")
+    ax2.set_ylabel("policy KL to the reference (nats per answer)", color="tab:red")
+    fig.suptitle(title or "palm-rlhf up on its defaults: raters with a hidden taste")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

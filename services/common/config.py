@@ -129,6 +129,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--round-after-seconds", type=float, default=env("ROUND_AFTER_SECONDS", 90.0, float),
                    help="trainer: or this many seconds after the last round once any feedback row is new; "
                         "0 = off; both 0 = rounds only on Trigger (PALM_RLHF_ROUND_AFTER_SECONDS, default 90)")
+    g.add_argument("--round-poll", type=float, default=env("ROUND_POLL", 5.0, float),
+                   help="trainer: how often to count new feedback rows for the automatic rounds "
+                        "(PALM_RLHF_ROUND_POLL, default 5)")
     g.add_argument("--store-poll", type=float, default=env("STORE_POLL", 2.0, float),
                    help="trainer: how often to look for CURRENT changes made outside the trainer, to "
                         "announce them (PALM_RLHF_STORE_POLL)")

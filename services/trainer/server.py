@@ -63,7 +63,8 @@ class TrainerApp:
         self.args = args
         self.metrics = ServiceMetrics("trainer")
         schedule = RoundSchedule(after_feedback=int(getattr(args, "round_after_feedback", 0) or 0),
-                                 after_seconds=float(getattr(args, "round_after_seconds", 0.0) or 0.0))
+                                 after_seconds=float(getattr(args, "round_after_seconds", 0.0) or 0.0),
+                                 poll=float(getattr(args, "round_poll", 5.0) or 5.0))
         self.core = TrainerCore(args.data_dir, update_fn, self.metrics, schedule)
         self._tasks: list[asyncio.Task] = []
 
