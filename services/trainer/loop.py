@@ -444,7 +444,14 @@ class OnlineLoop:
             before, after, stats = self._refit_lora(served, candidate, tok, train_pairs, held_pairs, train_ratings,
                                                     seed=s.seed + len(pairs))
         self._save_refit_state(candidate, s.reward_refit_mode)
-        ok, why = reward_publish_decision(before, after, s.reward_min_heldout, s.reward_alpha)
+        baseline = before
+        if not self._reward_fitted(core):
+            # the seeded head was never fitted: whatever it gets right is luck, so the first
+            # refit must beat chance (a coin, one half per pair), not that luck
+            baseline = [0.5] * len(after)
+        ok, why = reward_publish_decision(baseline, after, s.reward_min_heldout, s.reward_alpha)
+        if baseline is not before:
+            why += " (against chance: the current reward was never fitted on feedback)"
         n = max(len(held_pairs), 1)
         acc_b, acc_a = (sum(before) / n, sum(after) / n) if held_pairs else (float("nan"), float("nan"))
         out: dict[str, Any] = {"reward_heldout_accuracy_before": acc_b, "reward_heldout_accuracy_after": acc_a,

@@ -136,6 +136,24 @@ def test_reward_refit_is_published_only_if_it_beats_the_current_reward_on_held_o
         assert core.reward_store.versions() == ["v0001"] and clients.loaded == []
 
 
+def test_the_first_refit_is_compared_with_chance_and_later_ones_with_the_fitted_reward(tmp_path, feedback_store):
+    make_stores(tmp_path)
+    model, tok = _reward_model(tmp_path)
+    a, b = "sunny and bright", "grey rain all day"
+    prompts = [f"User: question {i}\nAssistant:" for i in range(40)]
+    # people prefer what the seeded head happens to rank higher: it is "right" by luck
+    good, bad = (a, b) if pairwise_accuracy(model, tok, _pairs(prompts, a, b)) > 0.5 else (b, a)
+    pairs = _pairs(prompts, good, bad)
+    loop = make_loop(tmp_path, feedback_store, reward_steps=200, reward_min_heldout=4)
+    core = StoreCore(tmp_path)
+    first = loop.refit_reward(core, {"pair": pairs, "rating": [], "thumb": [], "prompt": []})
+    assert first["reward_heldout_accuracy_before"] > 0.5
+    assert first["reward_published"] == 1.0 and "against chance" in first["reward_message"]
+    second = loop.refit_reward(core, {"pair": pairs, "rating": [], "thumb": [], "prompt": []})
+    assert second["reward_published"] == 0.0 and "not better" in second["reward_message"]
+    assert core.reward_store.versions() == ["v0001", "v0002"]
+
+
 def test_the_refit_continues_from_the_last_refit_even_when_it_was_not_published(tmp_path, feedback_store):
     make_stores(tmp_path)
     prompts = [f"User: question {i}\nAssistant:" for i in range(12)]
