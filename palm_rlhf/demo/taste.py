@@ -273,13 +273,14 @@ def plot_session(result: SessionResult, kls: dict[str, float], path: Path, title
     import matplotlib.pyplot as plt
 
     ms = result.measurements
-    x = list(range(len(ms)))
-    labels = [f"{m.policy_version}\n{m.reward_version}" for m in ms]
-    fig, ax1 = plt.subplots(figsize=(max(7, 0.9 * len(ms)), 4.2))
+    x = [(m.at - ms[0].at) / 60 for m in ms]  # minutes since the first measurement
+    fig, ax1 = plt.subplots(figsize=(8, 4.2))
     ax1.plot(x, [100 * m.score for m in ms], "o-", color="tab:green")
     ax1.set_ylabel("served answers the raters like (%)", color="tab:green")
-    ax1.set_xticks(x, labels, fontsize=7)
-    ax1.set_xlabel("policy / reward version served")
+    ax1.set_xlabel("minutes since the raters began (labels: policy / reward version served)")
+    for xi, m in zip(x, ms):
+        ax1.annotate(f"{m.policy_version}/{m.reward_version}", (xi, 100 * m.score), fontsize=6, rotation=60,
+                     textcoords="offset points", xytext=(2, -28))
     ax2 = ax1.twinx()
     ax2.plot(x, [kls.get(m.policy_version.split("+")[-1], float("nan")) for m in ms], "s--", color="tab:red")
     ax2.set_ylabel("policy KL to the reference (nats per answer)", color="tab:red")

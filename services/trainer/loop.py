@@ -97,7 +97,8 @@ class OnlineSettings:
     lr: float = 2e-3  # RL_LR
     epochs: int = 2  # RL_EPOCHS
     minibatch_size: int = 16  # RL_MINIBATCH
-    kl_coef: float = 0.05  # KL_COEF: initial beta
+    kl_coef: float = 0.05  # KL_COEF: initial beta of the RL algorithms' KL penalty
+    pref_beta: float = 0.5  # PREF_BETA: dpo / ipo / kto's beta (their implicit KL leash)
     kl_target: float = 0.0  # KL_TARGET: > 0 turns on the adaptive controller (nats per response)
     min_new_feedback: int = 1  # MIN_NEW_FEEDBACK: rows needed before a round trains
     max_train_prompts: int = 512  # MAX_TRAIN_PROMPTS: most recent logged prompts trained on
@@ -129,6 +130,7 @@ class OnlineSettings:
         "prompts_per_iteration": "RL_PROMPTS", "group_size": "RL_GROUP_SIZE",
         "max_new_tokens": "RL_MAX_NEW_TOKENS", "temperature": "RL_TEMPERATURE", "lr": "RL_LR",
         "epochs": "RL_EPOCHS", "minibatch_size": "RL_MINIBATCH", "kl_coef": "KL_COEF", "kl_target": "KL_TARGET",
+        "pref_beta": "PREF_BETA",
         "min_new_feedback": "MIN_NEW_FEEDBACK", "max_train_prompts": "MAX_TRAIN_PROMPTS",
         "heldout_fraction": "HELDOUT_FRACTION", "eval_prompts": "EVAL_PROMPTS",
         "eval_prompts_file": "EVAL_PROMPTS_FILE", "eval_pairs": "EVAL_PAIRS", "reward_refit": "REWARD_REFIT",
@@ -164,8 +166,8 @@ class OnlineSettings:
             raise ValueError(f"{self.algorithm} needs PALM_RLHF_RL_GROUP_SIZE >= 2")
         if self.algorithm in ("ppo", "grpo", "drgrpo", "rloo") and not self.temperature > 0:
             raise ValueError(f"{self.algorithm} needs sampled rollouts: PALM_RLHF_RL_TEMPERATURE > 0")
-        if self.algorithm in ("dpo", "ipo", "kto") and not self.kl_coef > 0:
-            raise ValueError(f"{self.algorithm} uses PALM_RLHF_KL_COEF as its beta, which must be > 0")
+        if self.algorithm in ("dpo", "ipo", "kto") and not self.pref_beta > 0:
+            raise ValueError(f"{self.algorithm} needs PALM_RLHF_PREF_BETA > 0 (its beta)")
         if self.reward_refit_mode not in ("head", "lora"):
             raise ValueError(f"PALM_RLHF_REWARD_REFIT_MODE must be head or lora, got {self.reward_refit_mode!r}")
 
@@ -686,12 +688,12 @@ class OnlineLoop:
             extra: dict[str, Any] = {}
             if s.algorithm == "kto":  # KTO's reference point z0, from mismatched (prompt, answer) rows
                 extra["ref_mismatched_logps"] = ref_sums(*mismatched_completions(train_pairs, max_len))
-            pcfg = PreferenceUpdateConfig(algorithm=s.algorithm, beta=s.kl_coef, epochs=s.epochs,
+            pcfg = PreferenceUpdateConfig(algorithm=s.algorithm, beta=s.pref_beta, epochs=s.epochs,
                                           minibatch_size=s.minibatch_size, seed=s.seed + state.rounds)
             stats = preference_update(actor, optim, train_pairs, ref_c, ref_r, pcfg, max_len=max_len,
                                       pad_id=tok.pad_id, **extra)
             metrics: dict[str, Any] = {f"train_{k}": v for k, v in stats.items()}
-            metrics["train_beta"] = s.kl_coef
+            metrics["train_beta"] = s.pref_beta
             log.info("round %d %s on %d pairs: loss %.4f -> %.4f, margin %.3f, accuracy %.3f", state.rounds + 1,
                      s.algorithm, len(train_pairs), stats["loss_first"], stats["loss_last"], stats["reward_margin"],
                      stats["accuracy"])
