@@ -28,6 +28,7 @@ T = TypeVar("T")
 # The services' own default (services refuse bigger messages anyway); stated here so a client
 # never depends on gRPC's 4 MiB default receive limit.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+KEEPALIVE_TIME_MS = 30_000  # >= the services' grpc.http2.min_ping_interval_without_data_ms (10 s)
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,8 @@ class ClientError(Exception):
         super().__init__(f"{method} failed{tries}: {code.name}: {details}")
 
 
-def channel_options(max_message_bytes: int, max_backoff: float) -> list[tuple[str, Any]]:
+def channel_options(max_message_bytes: int, max_backoff: float, *,
+                    keepalive_time_ms: int = KEEPALIVE_TIME_MS) -> list[tuple[str, Any]]:
     """Explicit size limits; built-in retries off; reconnects as eager as our own backoff (by
     default a channel that failed to connect waits up to two minutes before trying again,
     which would make our retries fail fast against a server that is already back)."""
@@ -113,7 +115,13 @@ def channel_options(max_message_bytes: int, max_backoff: float) -> list[tuple[st
         ("grpc.enable_retries", 0),
         ("grpc.initial_reconnect_backoff_ms", 100),
         ("grpc.max_reconnect_backoff_ms", backoff_ms),
-        ("grpc.keepalive_time_ms", 30_000),
+        # Keepalive at the pace the services accept (services/common/server.py allows a ping per
+        # 10 s, idle or not; faster pings get GOAWAY "too_many_pings"): the same figures as
+        # services/common/client.py, repeated because this package depends on grpcio only.
+        ("grpc.keepalive_time_ms", keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", min(10_000, keepalive_time_ms)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
     ]
 
 

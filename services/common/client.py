@@ -42,14 +42,35 @@ def _service_config(max_attempts: int) -> str:
     })
 
 
-def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, retries: int = 4) -> list[tuple[str, Any]]:
+# Keepalive: clients ping every KEEPALIVE_TIME_MS, also on idle connections and quiet streams
+# (a policy's WatchVersions stream to the trainer can be silent for hours), and servers
+# (services/common/server.py) accept pings as often as MIN_PING_INTERVAL_MS. A client that pings
+# faster than its server allows gets GOAWAY "too_many_pings" and a dropped connection, so the
+# client interval must stay above the server's (clients/_grpc.py uses the same figures).
+KEEPALIVE_TIME_MS = 30_000
+KEEPALIVE_TIMEOUT_MS = 10_000
+MIN_PING_INTERVAL_MS = 10_000
+
+
+def keepalive_options(keepalive_time_ms: int = KEEPALIVE_TIME_MS) -> list[tuple[str, Any]]:
+    """Client keepalive settings that the services' servers accept (see server_options)."""
+    return [
+        ("grpc.keepalive_time_ms", keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", min(KEEPALIVE_TIMEOUT_MS, keepalive_time_ms)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),  # keep pinging a quiet connection
+    ]
+
+
+def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, retries: int = 4, *,
+                    keepalive_time_ms: int = KEEPALIVE_TIME_MS) -> list[tuple[str, Any]]:
     """Options for a channel to a palm_rlhf service."""
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.enable_retries", 1 if retries > 0 else 0),
         ("grpc.service_config", _service_config(retries + 1)),
-        ("grpc.keepalive_time_ms", 30_000),
+        *keepalive_options(keepalive_time_ms),
         ("grpc.initial_reconnect_backoff_ms", 200),
         ("grpc.max_reconnect_backoff_ms", 2_000),
     ]

@@ -23,6 +23,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.common.client import MIN_PING_INTERVAL_MS
 from services.common.errors import InvalidArgument, Unauthenticated, Unavailable, status_for
 from services.common.metrics import ServiceMetrics
 
@@ -33,12 +34,19 @@ HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 EXEMPT_PREFIXES = (f"/{HEALTH_SERVICE}/", f"/{reflection.SERVICE_NAME}/")
 
 
-def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
-    """Explicit message-size limits (the gRPC defaults are 4 MiB receive, unlimited send)."""
+def server_options(max_message_bytes: int, *, min_ping_interval_ms: int | None = None) -> list[tuple[str, Any]]:
+    """Explicit message-size limits (the gRPC defaults are 4 MiB receive, unlimited send), and
+    a keepalive policy that accepts the clients' pings (services/common/client.py): by default a
+    server allows one ping per 5 minutes on a connection without calls or data and answers more
+    with GOAWAY "too_many_pings", while our clients ping every 30 s, idle or not."""
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.so_reuseport", 0),  # a busy port is an error, not a silently shared socket
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms",
+         MIN_PING_INTERVAL_MS if min_ping_interval_ms is None else min_ping_interval_ms),
+        ("grpc.http2.max_ping_strikes", 2),
     ]
 
 

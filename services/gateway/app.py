@@ -99,7 +99,9 @@ class GatewayConfig:
     rate_limit: RateLimit | None = None
     max_body_bytes: int = 1 << 20
     admin_token: str | None = None  # when set, the log export needs it as bearer token
-    model_name: str = "palm-rlhf"
+    model_name: str = "palm-rlhf"  # the id GET /v1/models lists
+    # other names accepted for it in a chat completion's "model" (README's examples send "palm")
+    model_aliases: tuple[str, ...] = ("palm",)
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,6 +297,15 @@ def create_app(backends: Backends, store: FeedbackStore, config: GatewayConfig |
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
         errs = exc.errors()
+        bad_json = next((e for e in errs if e.get("type") == "json_invalid"), None)
+        if bad_json is not None:  # as OpenAI answers it: the parser's words, no param
+            pos = bad_json.get("loc", ())[-1] if bad_json.get("loc") else 0
+            reason = str((bad_json.get("ctx") or {}).get("error", "invalid JSON"))
+            doc = exc.body if isinstance(exc.body, str) else ""
+            if isinstance(pos, int) and 0 <= pos <= len(doc):
+                reason = str(json.JSONDecodeError(reason, doc, pos))  # adds line, column and char
+            message = f"We could not parse the JSON body of your request: {reason}"
+            return JSONResponse(error_body(400, message), status_code=400)
         parts, param = [], None
         for e in errs[:5]:
             loc = [str(x) for x in e.get("loc", ()) if x not in ("body", "query", "path", "header")]
@@ -410,10 +421,35 @@ def create_app(backends: Backends, store: FeedbackStore, config: GatewayConfig |
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
+    known_models = {config.model_name, *config.model_aliases}
+    also = ", ".join(repr(a) for a in config.model_aliases if a != config.model_name)
+    served = f"'{config.model_name}'" + (f" (also accepted as {also})" if also else "")
+
+    def model_not_found(name: str, param: str | None) -> APIError:
+        return APIError(
+            404,
+            f"The model '{name}' does not exist: this gateway serves {served}",
+            type="invalid_request_error",
+            param=param,
+            code="model_not_found",
+        )
+
     @app.get("/v1/models", response_model=ModelList, tags=["chat"], responses=_errors())
     async def list_models(client: Authorized) -> ModelList:
         """The one model this gateway serves (for clients that list models first)."""
         return ModelList(data=[ModelCard(id=config.model_name, created=0, owned_by="palm-rlhf")])
+
+    @app.get(
+        "/v1/models/{model_id:path}",
+        response_model=ModelCard,
+        tags=["chat"],
+        responses={**_errors(), 404: _doc(404, "Unknown model (code model_not_found)")},
+    )
+    async def retrieve_model(model_id: str, client: Authorized) -> ModelCard:
+        """The served model, by its id or an alias; any other id is a 404 ``model_not_found``."""
+        if model_id not in known_models:
+            raise model_not_found(model_id, "model")
+        return ModelCard(id=model_id, created=0, owned_by="palm-rlhf")
 
     # -- chat completions ---------------------------------------------------------------
 
@@ -422,6 +458,7 @@ def create_app(backends: Backends, store: FeedbackStore, config: GatewayConfig |
             max_tokens=req.max_tokens or req.max_completion_tokens,
             temperature=req.temperature,
             top_p=req.top_p,
+            top_k=req.top_k,
             # "\n" ends the answer (a new turn would begin): stopping there saves decoding
             stop=["\n", *[s for s in req.stop_list() if s != "\n"]],
             seed=req.seed,
@@ -468,6 +505,7 @@ def create_app(backends: Backends, store: FeedbackStore, config: GatewayConfig |
                 "best_of": len(texts),
                 "temperature": req.temperature,
                 "top_p": req.top_p,
+                "top_k": req.top_k,
                 "max_tokens": req.max_tokens or req.max_completion_tokens,
                 "stop": req.stop_list(),
                 "seed": req.seed,
@@ -553,12 +591,15 @@ def create_app(backends: Backends, store: FeedbackStore, config: GatewayConfig |
                 "content": {"text/event-stream": {"schema": SSE_EVENT}},
             },
             **_errors(503),
+            404: _doc(404, "Unknown model (code model_not_found)"),
         },
     )
     async def chat_completions(req: ChatCompletionRequest, client: Authorized):
         """Best-of-n chat completion: ``best_of`` candidates are sampled, scored by the reward
         service, and the ``n`` best returned, best first, each with its reward."""
         started = time.perf_counter()
+        if req.model not in known_models:
+            raise model_not_found(req.model, "model")
         prompt_text = prompt_of(req)
         n = req.n
         best_of = req.best_of or n

@@ -32,6 +32,7 @@ class SamplingOptions:
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
+    top_k: int | None = None
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
 
@@ -137,16 +138,17 @@ class GrpcBackends:
         self.timeouts = timeouts or BackendTimeouts()
         self.scorer = scorer
         self._on_error = on_error or (lambda backend, kind: None)
+        from services.common.client import client_credentials, keepalive_options
+
         opts = [
             ("grpc.max_send_message_length", _MAX_MESSAGE),
             ("grpc.max_receive_message_length", _MAX_MESSAGE),
-            ("grpc.keepalive_time_ms", 30_000),
+            *keepalive_options(),  # the pace the services' servers accept (no too_many_pings GOAWAY)
             # reconnect soon after a backend comes back (gRPC's default backoff grows to 120 s)
             ("grpc.initial_reconnect_backoff_ms", 200),
             ("grpc.max_reconnect_backoff_ms", 2_000),
         ]
         self.addrs = {"policy": policy_addr, "reward": reward_addr}
-        from services.common.client import client_credentials
 
         creds = client_credentials()
         self._channels = {
@@ -215,6 +217,8 @@ class GrpcBackends:
             sp.temperature = params.temperature
         if params.top_p is not None:
             sp.top_p = params.top_p
+        if params.top_k is not None:
+            sp.top_k = params.top_k
         if params.seed is not None:
             sp.seed = params.seed
         return policy_pb2.GenerateRequest(prompts=[policy_pb2.Prompt(text=prompt_text)], params=sp)

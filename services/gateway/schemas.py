@@ -7,9 +7,9 @@ fields those clients pass through (``extra_body``) or ignore.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 MAX_N = 16  # choices / candidates per request: best-of-n beyond this costs more than it buys
 
@@ -25,11 +25,60 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+MAX_CONTENT = 32_768  # characters of one message's text
+PART_SEPARATOR = "\n"  # between the texts of consecutive content parts
+
+# the JSON schema of ``content``: a string, or an array of text parts as current OpenAI clients
+# send it (the request model itself holds the joined text, see ChatMessage._join_parts)
+_CONTENT_SCHEMA = {
+    "anyOf": [
+        {"type": "string", "maxLength": MAX_CONTENT},
+        {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}},
+                "required": ["type", "text"],
+            },
+        },
+    ],
+    "title": "Content",
+    "description": "Text, or an array of text parts (joined with a newline); other part types "
+    "(image_url, input_audio, file, ...) are refused with a 400.",
+}
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant"]
-    content: str = Field(max_length=32_768)
+    content: Annotated[str, Field(max_length=MAX_CONTENT), WithJsonSchema(_CONTENT_SCHEMA, mode="validation")]
     name: str | None = Field(default=None, max_length=64)
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _join_parts(cls, v: Any) -> Any:
+        """An array of content parts becomes its texts joined with PART_SEPARATOR; this text-only
+        model refuses any other part type with a message naming it."""
+        if not isinstance(v, list):
+            return v
+        if not v:
+            raise ValueError("content must be a string or a non-empty array of content parts")
+        texts = []
+        for i, part in enumerate(v):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if not isinstance(kind, str):
+                # ValueError, not TypeError: pydantic reports only the former as a validation error
+                raise ValueError(f"content part {i} must be an object with a 'type'")  # noqa: TRY004
+            if kind != "text":
+                raise ValueError(
+                    f"content part {i} has type {kind!r}, which this text-only model cannot read; "
+                    "send the content as a string or as parts of type 'text'"
+                )
+            if not isinstance(part.get("text"), str):
+                raise ValueError(f"content part {i} of type 'text' needs a string 'text'")  # noqa: TRY004
+            texts.append(part["text"])
+        return PART_SEPARATOR.join(texts)
 
 
 class StreamOptions(BaseModel):
@@ -37,12 +86,16 @@ class StreamOptions(BaseModel):
 
 
 class ChatCompletionRequest(BaseModel):
-    # OpenAI clients send fields this gateway does not use (presence_penalty, user, ...):
-    # ignore them rather than fail.
+    # OpenAI clients send fields this gateway does not use (user, metadata, store, ...): ignore
+    # them rather than fail; but parameters that would change the answer and that the model
+    # cannot honour (tools, response_format, penalties, ...) are refused below, naming them.
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(
-        default="palm-rlhf", max_length=256, description="Recorded; the policy serves one model."
+        default="palm-rlhf",
+        max_length=256,
+        description="The served model (GET /v1/models) or an alias of it; any other name is a 404 "
+        "with code model_not_found. Echoed in the response and recorded.",
     )
     messages: list[ChatMessage] = Field(min_length=1, max_length=256)
     n: int = Field(default=1, ge=1, le=MAX_N, description="Choices returned, best reward first.")
@@ -54,12 +107,82 @@ class ChatCompletionRequest(BaseModel):
     )
     temperature: float | None = Field(default=None, ge=0, le=2, description="0 is greedy decoding.")
     top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(
+        default=None,
+        ge=0,
+        le=2**31 - 1,
+        description="Sample only from the k most likely tokens (0 or null: off; 1 is greedy). Not an "
+        "OpenAI field: the openai client sends it in extra_body.",
+    )
     max_tokens: int | None = Field(default=None, ge=1, le=4096)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=4096, description="Alias of max_tokens.")
     stop: str | list[str] | None = Field(default=None, description="Up to 4 stop sequences.")
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # OpenAI parameters the model cannot honour: accepted only with their "off" value, so that a
+    # client relying on them gets a 400 naming the parameter rather than a silently different answer
+    tools: list[dict[str, Any]] | None = Field(default=None, description="Not supported: only [] or null.")
+    tool_choice: str | dict[str, Any] | None = Field(
+        default=None, description='Not supported: only "none" or null.'
+    )
+    functions: list[dict[str, Any]] | None = Field(
+        default=None, description="Not supported: only [] or null."
+    )
+    function_call: str | dict[str, Any] | None = Field(
+        default=None, description='Not supported: only "none" or null.'
+    )
+    response_format: dict[str, Any] | None = Field(
+        default=None, description='Only {"type": "text"} (or null): the model writes plain text.'
+    )
+    logit_bias: dict[str, float] | None = Field(default=None, description="Not supported: only {} or null.")
+    presence_penalty: float | None = Field(default=None, description="Not supported: only 0 or null.")
+    frequency_penalty: float | None = Field(default=None, description="Not supported: only 0 or null.")
+
+    @field_validator("tools", "functions", mode="before")
+    @classmethod
+    def _no_tools(cls, v: Any) -> Any:
+        # the error handler prefixes each message with the parameter's name
+        if v is None or v == []:
+            return v
+        raise ValueError(
+            "not supported: this model cannot call tools or functions (only [] or null is accepted)"
+        )
+
+    @field_validator("tool_choice", "function_call", mode="before")
+    @classmethod
+    def _no_tool_choice(cls, v: Any) -> Any:
+        if v is None or v == "none":
+            return v
+        raise ValueError(
+            f"{v!r} is not supported: this model cannot call tools or functions (only 'none' is accepted)"
+        )
+
+    @field_validator("response_format", mode="before")
+    @classmethod
+    def _text_only(cls, v: Any) -> Any:
+        if v is None or v == {"type": "text"}:
+            return v
+        kind = v.get("type") if isinstance(v, dict) else v
+        raise ValueError(
+            f"type {kind!r} is not supported: this model writes plain text (only {{'type': 'text'}} is accepted)"
+        )
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _no_logit_bias(cls, v: Any) -> Any:
+        if v is None or v == {}:
+            return v
+        raise ValueError("not supported by this gateway (only {} or null is accepted)")
+
+    @field_validator("presence_penalty", "frequency_penalty", mode="before")
+    @classmethod
+    def _no_penalty(cls, v: Any) -> Any:
+        if v is None or (isinstance(v, int | float) and not isinstance(v, bool) and v == 0):
+            return v
+        raise ValueError(
+            f"{v!r} is not supported: the sampler has no repetition penalties (only 0 or null is accepted)"
+        )
 
     @model_validator(mode="after")
     def _check(self) -> ChatCompletionRequest:
