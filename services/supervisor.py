@@ -38,6 +38,7 @@ from pathlib import Path
 from services.common.config import (
     DEFAULT_METRICS_PORTS,
     DEFAULT_PORTS,
+    DEFAULT_RATE_LIMIT,
     add_common_arguments,
     env,
     rate_limit_spec,
@@ -60,7 +61,7 @@ def add_up_arguments(p: argparse.ArgumentParser) -> None:
                         "and for a restarted one")
     p.add_argument("--api-keys-file", default=env("API_KEYS_FILE"), help="passed to the gateway")
     p.add_argument("--rate-limit", type=rate_limit_spec,
-                   default=rate_limit_spec(env("RATE_LIMIT", "1200/min:300")),
+                   default=rate_limit_spec(env("RATE_LIMIT", DEFAULT_RATE_LIMIT)),
                    help="passed to the gateway: request units per minute per API key, a chat completion 1, a "
                         "feedback row 0.1 (or N/s, N/h, N/s:BURST, off; default 1200/min:300)")
     p.add_argument("--scorer", default=env("SCORER", "learned"), help="passed to the reward service")

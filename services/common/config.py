@@ -10,6 +10,10 @@ import argparse
 import os
 from pathlib import Path
 
+# requests units a minute per client and the burst: the gateway charges a chat completion 1 unit
+# and a feedback row or a read 0.1 (services/gateway/auth.py)
+DEFAULT_RATE_LIMIT = "1200/min:300"
+
 ROLES = ("policy", "reference", "reward", "trainer", "gateway")
 
 DEFAULT_PORTS = {"policy": 50051, "reference": 50052, "reward": 50053, "trainer": 50054, "gateway": 8000}
@@ -140,7 +144,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                     help="gateway: file with one API key per line (PALM_RLHF_API_KEYS_FILE; "
                          "PALM_RLHF_API_KEYS adds comma-separated keys)")
     gw.add_argument("--rate-limit", type=rate_limit_spec,
-                    default=rate_limit_spec(env("RATE_LIMIT", "1200/min:300")),
+                    default=rate_limit_spec(env("RATE_LIMIT", DEFAULT_RATE_LIMIT)),
                     help="gateway: request units per API key (a chat completion 1, a feedback row 0.1); a "
                          "bare number is per minute, or give N/s, N/min, N/h, N/s:BURST, 'off' "
                          "(PALM_RLHF_RATE_LIMIT, default 1200/min:300)")

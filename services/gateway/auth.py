@@ -18,6 +18,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.common.config import DEFAULT_RATE_LIMIT  # noqa: F401 -- re-exported for the gateway
+
 
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
@@ -76,7 +78,7 @@ def is_loopback(host: str) -> bool:
 # at 12 chats/s, 18 units/s, under the 20/s refill (docs/gateway.md). A flood still gets 429 with
 # Retry-After: of 1000 chat requests in one second about 320 pass, and a tight loop of 1000
 # feedback posts a second (100 units/s) is refused after about 4 s.
-DEFAULT_RATE_LIMIT = "1200/min:300"
+# DEFAULT_RATE_LIMIT lives in services/common/config.py, where every entry point reads it.
 GENERATION_COST = 1.0  # a chat completion (runs the policy and the reward model), the log export
 LIGHT_COST = 0.1  # a feedback row, a read of a completion, its feedback or the model list
 _GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/feedback/export"})

@@ -585,8 +585,6 @@ class OnlineLoop:
         return [ln if ln.endswith("Assistant:") else format_chat([{"role": "user", "content": ln}]) for ln in lines]
 
     def update_policy(self, core: Any, data: dict[str, list[Any]], state: LoopState) -> tuple[str | None, dict[str, Any]]:
-        import copy
-
         import torch
 
         from palm_rlhf.chat import encode_prompt
