@@ -103,15 +103,15 @@ def _decode_weights(model) -> list[torch.Tensor]:
     return order
 
 
-def _gemv_kinds() -> dict:
-    """GEMV entry points, each as (prepare weight, apply to a (1, in) row)."""
+def _gemv_kinds(dtype: torch.dtype = torch.float32) -> dict:
+    """GEMV entry points for ``dtype``, each as (prepare weight, apply to a (1, in) row)."""
     kinds = {
         "F.linear, output-major": (lambda w: w.contiguous(), lambda x, w: F.linear(x, w)),
         "F.linear, input-major": (lambda w: w.t().contiguous().t(), lambda x, w: F.linear(x, w)),
         "torch.mv": (lambda w: w.contiguous(), lambda x, w: torch.mv(w, x[0])),
     }
-    if cpu_linear.enabled():
-        kinds["oneDNN, reordered"] = (lambda w: cpu_linear._pack(w.contiguous()), cpu_linear._apply)
+    if cpu_linear.enabled(dtype):
+        kinds["oneDNN, reordered"] = (lambda w: cpu_linear.pack(w.contiguous()), cpu_linear.apply_packed)
     return kinds
 
 
@@ -124,7 +124,7 @@ def floor_runners(model: torch.nn.Module, dtype: torch.dtype, passes: int = FLOO
     bandwidth no GEMV can beat. Returns the runners, the bytes per pass and the chosen kind
     per shape."""
     order = _decode_weights(model)
-    kinds = _gemv_kinds()
+    kinds = _gemv_kinds(dtype)
     xs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=dtype) for w in order}
     chosen = {}
     for shape in sorted({tuple(w.shape) for w in order}):

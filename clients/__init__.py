@@ -6,8 +6,9 @@
   calls.
 * :class:`GatewayClient`: the HTTP chat-completions and feedback API.
 
-This package depends only on the generated contracts (``palm_rlhf.proto``), grpcio and httpx,
-so other programs can use it without the model code.
+This package depends only on the generated contracts (``palm_rlhf.proto``), grpcio, httpx and
+the services' channel factory and retry policy (``services.common.client``, which imports no
+model code), so other programs can use it without the model code.
 """
 
 from ._grpc import NO_RETRY, ClientError, GrpcClient, RetryPolicy, TLSConfig

@@ -1,11 +1,12 @@
 """The call machinery every gRPC client shares: channels, deadlines, retries, errors.
 
-Why not gRPC's built-in retry policy: it retries only within one call's deadline, cannot report
-how many attempts it made, and stays silent while a server is still starting. A client that
-scores text from a batch job wants the opposite: an overall deadline per call, a bounded number
-of attempts with exponential backoff and jitter (so many clients that lost the same server do
-not reconnect in lock-step), and an error that says what happened. Built-in retries are turned
-off on the channel so the two never multiply.
+Channels come from the services' one channel factory and calls go through their one retry
+policy (services/common/client.py): an overall deadline per call, a bounded number of attempts
+with exponential backoff and jitter (so many clients that lost the same server do not
+reconnect in lock-step), and an error that says what happened. gRPC's built-in retries are
+turned off on the channel so the two never multiply: they retry only within one call's
+deadline, cannot report how many attempts they made, and stay silent while a server is still
+starting.
 """
 
 from __future__ import annotations
@@ -15,57 +16,29 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 
+from services.common.client import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    KEEPALIVE_TIME_MS,
+    NO_RETRY,
+    RetryPolicy,
+    call_with_retry_sync,
+    create_sync_channel,
+    stream_with_retry_sync,
+)
+from services.common.client import channel_options as _service_channel_options
+
+__all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "NO_RETRY", "ClientError", "GrpcClient", "RetryPolicy", "TLSConfig",
+           "channel_options"]
+
 log = logging.getLogger("clients")
 
 T = TypeVar("T")
-
-# The services' own default (services refuse bigger messages anyway); stated here so a client
-# never depends on gRPC's 4 MiB default receive limit.
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-KEEPALIVE_TIME_MS = 30_000  # >= the services' grpc.http2.min_ping_interval_without_data_ms (10 s)
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Bounded retries with exponential backoff and jitter.
-
-    Attempt ``k`` (1-based) that fails with a retryable code waits
-    ``min(max_backoff, initial_backoff * multiplier**(k-1))`` scaled by a random factor in
-    ``[1 - jitter, 1]`` and tries again, until ``max_attempts`` attempts were made or the call's
-    overall deadline would pass during the wait.
-    """
-
-    max_attempts: int = 5
-    initial_backoff: float = 0.1
-    max_backoff: float = 2.0
-    multiplier: float = 2.0
-    jitter: float = 0.5  # fraction of each wait that is random
-    retry_codes: frozenset[grpc.StatusCode] = field(
-        default_factory=lambda: frozenset({grpc.StatusCode.UNAVAILABLE})
-    )
-
-    def __post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
-        if self.initial_backoff < 0 or self.max_backoff < 0 or self.multiplier < 1:
-            raise ValueError("backoffs must be >= 0 and multiplier >= 1")
-        if not 0 <= self.jitter <= 1:
-            raise ValueError(f"jitter must be in [0, 1], got {self.jitter}")
-
-    def backoff(self, attempt: int, rng: random.Random | None = None) -> float:
-        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
-        base = min(self.max_backoff, self.initial_backoff * self.multiplier ** (attempt - 1))
-        r = (rng or random).random()
-        return base * (1.0 - self.jitter * r)
-
-
-NO_RETRY = RetryPolicy(max_attempts=1)
 
 
 @dataclass(frozen=True)
@@ -103,26 +76,19 @@ class ClientError(Exception):
         super().__init__(f"{method} failed{tries}: {code.name}: {details}")
 
 
+def _reconnect(max_backoff: float) -> dict[str, int]:
+    # reconnects as eager as our own backoff: by default a channel that failed to connect waits
+    # up to two minutes before trying again, which would make our retries fail fast against a
+    # server that is already back
+    return {"initial_reconnect_backoff_ms": 100, "max_reconnect_backoff_ms": max(100, int(max_backoff * 1000))}
+
+
 def channel_options(max_message_bytes: int, max_backoff: float, *,
                     keepalive_time_ms: int = KEEPALIVE_TIME_MS) -> list[tuple[str, Any]]:
-    """Explicit size limits; built-in retries off; reconnects as eager as our own backoff (by
-    default a channel that failed to connect waits up to two minutes before trying again,
-    which would make our retries fail fast against a server that is already back)."""
-    backoff_ms = max(100, int(max_backoff * 1000))
-    return [
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.enable_retries", 0),
-        ("grpc.initial_reconnect_backoff_ms", 100),
-        ("grpc.max_reconnect_backoff_ms", backoff_ms),
-        # Keepalive at the pace the services accept (services/common/server.py allows a ping per
-        # 10 s, idle or not; faster pings get GOAWAY "too_many_pings"): the same figures as
-        # services/common/client.py, repeated because this package depends on grpcio only.
-        ("grpc.keepalive_time_ms", keepalive_time_ms),
-        ("grpc.keepalive_timeout_ms", min(10_000, keepalive_time_ms)),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.max_pings_without_data", 0),
-    ]
+    """The options of a client's channel: the services' channel options with built-in retries
+    off and reconnects paced by ``max_backoff``."""
+    return _service_channel_options(max_message_bytes, 0, keepalive_time_ms=keepalive_time_ms,
+                                    **_reconnect(max_backoff))
 
 
 class GrpcClient:
@@ -155,14 +121,13 @@ class GrpcClient:
         self._rng = random.Random()
         self._lock = threading.Lock()
         self.attempts_total = 0  # every attempt made by this client (for tests and metrics)
-        opts = channel_options(max_message_bytes, self.retry.max_backoff)
+        creds, extra = None, []
         if tls:
             creds = (tls if isinstance(tls, TLSConfig) else TLSConfig()).credentials()
             if isinstance(tls, TLSConfig) and tls.server_name:
-                opts.append(("grpc.ssl_target_name_override", tls.server_name))
-            self.channel = grpc.secure_channel(addr, creds, options=opts)
-        else:
-            self.channel = grpc.insecure_channel(addr, options=opts)
+                extra.append(("grpc.ssl_target_name_override", tls.server_name))
+        self.channel = create_sync_channel(addr, max_message_bytes=max_message_bytes, retries=0, credentials=creds,
+                                           options=extra, **_reconnect(self.retry.max_backoff))
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -206,26 +171,34 @@ class GrpcClient:
         total = self.timeout if timeout is None else timeout
         if total <= 0:
             raise ValueError(f"timeout must be > 0 seconds, got {total}")
-        deadline = time.monotonic() + total
         md = self._meta(admin)
-        attempt = 0
-        while True:
-            attempt += 1
-            remaining = deadline - time.monotonic()
+        attempts = 0
+
+        def attempt(remaining: float | None) -> T:
+            nonlocal attempts
+            attempts += 1
             self._count()
-            try:
-                return fn(request, timeout=max(remaining, 0.001), metadata=md)
-            except grpc.RpcError as e:
-                code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
-                details = (e.details() if hasattr(e, "details") else "") or code.name
-                wait = policy.backoff(attempt, self._rng)
-                left = deadline - time.monotonic()
-                if code not in policy.retry_codes or attempt >= policy.max_attempts or wait >= left:
-                    raise ClientError(method, code, details, attempt) from None
-                log.info("%s: %s on attempt %d, retrying in %.2fs", method, code.name, attempt, wait)
-                if self._on_retry:
-                    self._on_retry(method, attempt, code, wait)
-                time.sleep(wait)
+            return fn(request, timeout=remaining, metadata=md)
+
+        try:
+            return call_with_retry_sync(attempt, timeout=total, policy=policy, on_retry=self._retrying(method),
+                                        rng=self._rng)
+        except grpc.RpcError as e:
+            raise self._client_error(method, e, attempts) from None
+
+    def _retrying(self, method: str) -> Callable[[int, grpc.StatusCode, float], None]:
+        def on_retry(attempt: int, code: grpc.StatusCode, wait: float) -> None:
+            log.info("%s: %s on attempt %d, retrying in %.2fs", method, code.name, attempt, wait)
+            if self._on_retry:
+                self._on_retry(method, attempt, code, wait)
+
+        return on_retry
+
+    @staticmethod
+    def _client_error(method: str, e: grpc.RpcError, attempts: int) -> ClientError:
+        code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+        details = (e.details() if hasattr(e, "details") else "") or code.name
+        return ClientError(method, code, details, attempts)
 
     def _stream(
         self,
@@ -237,31 +210,20 @@ class GrpcClient:
     ) -> Iterator[Any]:
         """Iterate a server stream; retries happen only before the first message arrives (after
         that a retry would repeat what the caller has already seen)."""
-        policy = self.retry
         total = self.timeout if timeout is None else timeout
-        deadline = time.monotonic() + total
-        attempt = 0
-        while True:
-            attempt += 1
+        attempts = 0
+
+        def open_call(remaining: float | None):
+            nonlocal attempts
+            attempts += 1
             self._count()
-            call = fn(request, timeout=max(deadline - time.monotonic(), 0.001), metadata=self._meta(False))
-            received = False
-            try:
-                for item in call:
-                    received = True
-                    yield item
-                return
-            except grpc.RpcError as e:
-                code = e.code()
-                wait = policy.backoff(attempt, self._rng)
-                left = deadline - time.monotonic()
-                if received or code not in policy.retry_codes or attempt >= policy.max_attempts or wait >= left:
-                    raise ClientError(method, code, e.details() or code.name, attempt) from None
-                if self._on_retry:
-                    self._on_retry(method, attempt, code, wait)
-                time.sleep(wait)
-            finally:
-                call.cancel()
+            return fn(request, timeout=remaining, metadata=self._meta(False))
+
+        try:
+            yield from stream_with_retry_sync(open_call, timeout=total, policy=self.retry,
+                                              on_retry=self._retrying(method), rng=self._rng)
+        except grpc.RpcError as e:
+            raise self._client_error(method, e, attempts) from None
 
     def health(self, timeout: float = 2.0) -> str:
         """The ``grpc.health.v1`` status of the server ("SERVING", "NOT_SERVING", ...), or

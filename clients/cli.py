@@ -11,6 +11,8 @@ import sys
 from collections.abc import Iterator
 from typing import IO, Any
 
+from services.common.config import DEFAULT_ADDRS, flag
+
 SCORE_EPILOG = """\
 examples:
   palm-rlhf score --reward-addr 127.0.0.1:50053 --prompt "User: hi\\nAssistant:" " Hello!" " Go away."
@@ -34,8 +36,8 @@ def register(subparsers) -> None:
                     "command line, or a JSONL file of {\"prompt\", \"responses\"} lines.",
         epilog=SCORE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    s.add_argument("--reward-addr", default=os.environ.get("PALM_RLHF_REWARD_ADDR", "127.0.0.1:50053"),
-                   help="reward service host:port (PALM_RLHF_REWARD_ADDR; default 127.0.0.1:50053)")
+    flag(s, "--reward-addr", default=DEFAULT_ADDRS["reward"],
+         help="reward service host:port (PALM_RLHF_REWARD_ADDR; default 127.0.0.1:50053)")
     s.add_argument("--prompt", help="the prompt the responses answer (may be empty for the sentiment scorer)")
     s.add_argument("responses", nargs="*", help="responses to score")
     s.add_argument("--file", help="JSONL input, one {\"prompt\": str, \"responses\": [str, ...]} per line ('-' = stdin)")
@@ -57,10 +59,10 @@ def register(subparsers) -> None:
                     "its reward and lets you rate it.\n\n" + CHAT_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    c.add_argument("--url", default=os.environ.get("PALM_RLHF_GATEWAY_URL", "http://127.0.0.1:8000"),
-                   help="gateway URL (PALM_RLHF_GATEWAY_URL; default http://127.0.0.1:8000)")
-    c.add_argument("--api-key", default=os.environ.get("PALM_RLHF_API_KEY"),
-                   help="API key, when the gateway requires one (PALM_RLHF_API_KEY)")
+    flag(c, "--url", dest="gateway_url", default="http://127.0.0.1:8000",
+         help="gateway URL (PALM_RLHF_GATEWAY_URL; default http://127.0.0.1:8000)")
+    flag(c, "--api-key", default=None,
+         help="API key, when the gateway requires one (PALM_RLHF_API_KEY)")
     c.add_argument("--best-of", type=int, default=4, help="candidates sampled and ranked per answer (default 4)")
     c.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the policy's)")
     c.add_argument("--max-tokens", type=int, default=None, help="longest answer in tokens (default: the policy's)")
@@ -134,6 +136,10 @@ def _score(args: argparse.Namespace) -> int:
         print("error: --batch-size must be >= 1", file=sys.stderr)
         return 2
     tls = TLSConfig(root_certificates=args.ca_cert) if (args.tls or args.ca_cert) else None
+    from services.common.settings import ClientSettings, build_settings
+
+    settings = build_settings(ClientSettings, args)
+    args.reward_addr = settings.reward_addr
     client = RewardClient(args.reward_addr, timeout=args.timeout, tls=tls,
                           retry=RetryPolicy(max_attempts=max(1, args.retries + 1)))
     try:
@@ -279,7 +285,10 @@ def _chat(args: argparse.Namespace) -> int:
     if args.best_of < 1:
         print("error: --best-of must be >= 1", file=sys.stderr)
         return 2
-    client = GatewayClient(args.url, args.api_key, timeout=args.timeout)
+    from services.common.settings import ClientSettings, build_settings
+
+    settings = build_settings(ClientSettings, args)
+    client = GatewayClient(settings.gateway_url, settings.api_key, timeout=args.timeout)
     session = ChatSession(client, args.best_of, args.temperature, args.max_tokens, args.system, sys.stdout)
     try:
         if args.once is not None:
@@ -295,7 +304,7 @@ def _chat(args: argparse.Namespace) -> int:
             return 0
         interactive = sys.stdin.isatty()
         if interactive:
-            session.say(f"chatting with {args.url} (best of {args.best_of}); /help for commands, /quit to leave")
+            session.say(f"chatting with {settings.gateway_url} (best of {args.best_of}); /help for commands, /quit to leave")
         while True:
             try:
                 line = input("you: " if interactive else "")

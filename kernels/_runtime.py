@@ -20,12 +20,13 @@ import torch
 _TRUE = ("1", "true", "on", "yes")
 
 # Setting PALM_RLHF_KERNELS_AUTOTUNE=0 replaces autotuning with the first suitable row
-# of each kernel's table: useful for quick GPU test runs.
+# of each kernel's table: useful for quick GPU test runs (read by kernels.settings).
 AUTOTUNE_ENV = "PALM_RLHF_KERNELS_AUTOTUNE"
 
 
 def interpreter_enabled() -> bool:
-    """Whether Triton kernels decorated now would run in the interpreter."""
+    """Whether Triton kernels decorated now would run in the interpreter (Triton's own
+    ``TRITON_INTERPRET``, through Triton's knobs where it has them)."""
     try:
         from triton import knobs
 
@@ -35,7 +36,9 @@ def interpreter_enabled() -> bool:
 
 
 def autotune_enabled() -> bool:
-    return os.environ.get(AUTOTUNE_ENV, "1").strip().lower() in _TRUE
+    from kernels import settings
+
+    return settings.current().autotune
 
 
 _LAUNCH_KEYS = ("num_warps", "num_stages")

@@ -8,12 +8,13 @@ arithmetic. :func:`attn_swiglu` does all of it in one call per layer.
 The kernel is plain C with no PyTorch headers. It is compiled on first use with the system
 C compiler (``$CC``, else ``cc`` or ``gcc``; under a second on two cores) into a cache
 folder (``$PALM_RLHF_CACHE_DIR``, else ``$XDG_CACHE_HOME/palm-rlhf``, else
-``~/.cache/palm-rlhf``), keyed by the source, the flags, the compiler and the CPU, and
+``~/.cache/palm-rlhf``; the variables are read by :mod:`kernels.settings`), keyed by the source, the flags, the compiler and the CPU, and
 loaded with ``ctypes``. Where nothing can be compiled, a portable build shipped beside the
 source (``python -m kernels.cpu_decode --prebuild``; the container image makes one) is used.
 Before first use its results are checked against the PyTorch computation; with no library,
 or a failed check, it stays off (one warning) and the model takes the PyTorch path.
-``PALM_RLHF_CPU_KERNEL=0`` turns it off.
+``PALM_RLHF_CPU_KERNEL=0`` turns it off. The decode step that calls it is
+:mod:`palm_rlhf.cpu_decode_runner`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from kernels import settings
 
 log = logging.getLogger(__name__)
 
@@ -55,18 +58,15 @@ _state: dict = {}  # "lib": the loaded library or None once decided
 
 
 def _wanted() -> bool:
-    return os.environ.get("PALM_RLHF_CPU_KERNEL", "1").strip().lower() not in ("0", "false", "no", "off")
+    return settings.current().cpu_kernel
 
 
 def cache_dir() -> Path:
-    if os.environ.get("PALM_RLHF_CACHE_DIR"):
-        return Path(os.environ["PALM_RLHF_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "palm-rlhf"
+    return settings.current().cache_dir
 
 
 def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc"):
+    for name in (settings.current().compiler, "cc", "gcc"):
         if name and shutil.which(name):
             return shutil.which(name)
     return None
@@ -217,7 +217,8 @@ def available() -> bool:
 
 
 def reset() -> None:
-    """Forget the decision (tests; after changing ``PALM_RLHF_CPU_KERNEL``)."""
+    """Forget the decision, so that the next use decides afresh under the current
+    :mod:`kernels.settings` (tests; after :func:`kernels.settings.update`)."""
     with _lock:
         _state.clear()
 

@@ -2,8 +2,15 @@
 
 The PaLM model calls :func:`attention`, :func:`decode_attention` and :func:`swiglu`
 from here. By default CUDA tensors go through Triton and every other device through
-PyTorch; the ``PALM_RLHF_KERNELS`` environment variable (``auto``, ``torch``,
-``triton``) or :func:`set_backend` forces either.
+PyTorch; ``triton`` or ``torch`` forces either.
+
+The backend is explicit state, not a process-wide switch: it lives in a
+:class:`contextvars.ContextVar`, so :func:`use_backend` (a context manager) or
+:func:`set_backend` in one thread or asyncio task leaves every other thread's and task's
+choice alone. A context that never chose one gets the default, ``PALM_RLHF_KERNELS``
+(``auto``, ``torch``, ``triton``; read once, by :mod:`kernels.settings`), else ``auto``.
+A new thread starts from that default, not from its creator's choice; a task copies its
+creator's context as usual.
 
 Forcing ``triton`` on CPU tensors runs the kernels through the Triton interpreter,
 which needs ``TRITON_INTERPRET=1`` in the environment before the kernel modules are
@@ -16,48 +23,53 @@ PyTorch path.
 from __future__ import annotations
 
 import contextlib
-import os
-from collections.abc import Iterator
+import contextvars
+from collections.abc import Iterator, Mapping
 from functools import cache
 
 import torch
 import torch.nn.functional as F
 
-_BACKENDS = ("auto", "torch", "triton")
+from kernels import settings
+
+_BACKENDS = settings.BACKENDS
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 128
 
+# None: this context has not chosen; the default from the settings applies
+_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("palm_rlhf_kernel_backend", default=None)
 
-def _backend_from_env() -> str:
-    name = os.environ.get("PALM_RLHF_KERNELS", "auto").strip().lower() or "auto"
+
+def _backend_from_env(environ: Mapping[str, str] | None = None) -> str:
+    """Parse ``PALM_RLHF_KERNELS`` from ``environ`` (default: this process's environment)."""
+    return settings.from_environ(environ).backend
+
+
+def _check(name: str) -> str:
     if name not in _BACKENDS:
-        raise ValueError(f"PALM_RLHF_KERNELS={name!r} is not one of {_BACKENDS}")
+        raise ValueError(f"unknown kernel backend {name!r}; choose one of {_BACKENDS}")
     return name
 
 
-_backend = _backend_from_env()
-
-
 def set_backend(name: str) -> None:
-    global _backend
-    if name not in _BACKENDS:
-        raise ValueError(f"unknown kernel backend {name!r}; choose one of {_BACKENDS}")
-    _backend = name
+    """Choose the backend for the current context (thread or task) from now on."""
+    _backend.set(_check(name))
 
 
 def get_backend() -> str:
-    return _backend
+    """The backend of the current context."""
+    name = _backend.get()
+    return settings.current().backend if name is None else name
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Temporarily switch the backend: ``with use_backend("torch"): ...``."""
-    previous = get_backend()
-    set_backend(name)
+    """Switch the current context's backend inside a block: ``with use_backend("torch"): ...``."""
+    token = _backend.set(_check(name))
     try:
         yield
     finally:
-        set_backend(previous)
+        _backend.reset(token)
 
 
 @cache
@@ -76,9 +88,10 @@ def _interpreter_enabled() -> bool:
 
 
 def _use_triton(t: torch.Tensor) -> bool:
-    if _backend == "torch":
+    backend = get_backend()
+    if backend == "torch":
         return False
-    if _backend == "auto":
+    if backend == "auto":
         return t.is_cuda and _triton_importable()
     if t.is_cuda or _interpreter_enabled():
         return True

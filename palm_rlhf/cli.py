@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="palm-rlhf",
         description="PaLM models served as gRPC microservices, with best-of-n chat and online RLHF.",
     )
-    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    parser.add_argument("--log-level", default=None,
+                        help="logging level (PALM_RLHF_LOG_LEVEL; default: INFO)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in PROVIDERS:
         try:
@@ -43,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.log_level is None:
+        try:
+            from services.common.settings import LogSettings
+        except ModuleNotFoundError:  # the services are not part of this build
+            args.log_level = "INFO"
+        else:
+            args.log_level = LogSettings.load().log_level
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",

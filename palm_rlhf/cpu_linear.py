@@ -15,20 +15,27 @@ The reordered copy costs as much memory as the weight. It is made lazily, the fi
 weight meets a matmul without autograd, and is keyed on the weight's storage and version
 counter: any in-place update (an optimizer step, ``load_state_dict``, a LoRA merge) makes a
 new copy on the next call. An update through ``weight.data`` is invisible to the version
-counter; call :func:`clear` after one. ``PALM_RLHF_CPU_PACKED=0`` (or :func:`set_enabled`)
-turns the path off; a check against ``F.linear`` at first use turns it off, with a warning,
-if oneDNN disagrees or is missing.
+counter; call :func:`clear` after one.
+
+Each oneDNN op the path uses is probed (present in this build) and checked against
+``F.linear`` at first use, separately for each dtype: the reordering, the plain product
+(``_linear_pointwise``) and the product with a residual added in the same call
+(``_linear_pointwise.binary``). A dtype whose check fails (bfloat16 on a CPU without native
+bfloat16 support, say) takes ``F.linear``, with one warning, while the other keeps oneDNN.
+``PALM_RLHF_CPU_PACKED=0`` (read by :mod:`kernels.settings`) or :func:`set_enabled` turns the
+path off for every dtype.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import weakref
 
 import torch
 import torch.nn.functional as F
+
+from kernels import settings
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +44,12 @@ log = logging.getLogger(__name__)
 PACK_ROWS_HINT = 8
 #: dtypes with a reordered path
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
+#: the tolerance of each dtype's check against F.linear (relative; ten times that absolute)
+_CHECK_TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 
-_enabled: bool | None = None  # None: not decided yet (needs oneDNN and a passing self-check)
+# dtype -> whether its reordered path is on; a dtype missing here is decided at first use
+_enabled: dict[torch.dtype, bool] = {}
+_forced_off = False  # set_enabled(False)
 # id(weight) -> (weakref to the weight, (storage, version, shape), packed copy); an entry goes
 # when its weight is collected (tensors compare elementwise, so no WeakKeyDictionary)
 _packs: dict[int, tuple] = {}
@@ -46,10 +57,13 @@ _lock = threading.Lock()
 
 
 def _ops_available() -> bool:
+    """Whether this build has every oneDNN op the path calls."""
+    ops = torch.ops.mkldnn
     return (
         torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        and hasattr(ops, "_reorder_linear_weight")
+        and hasattr(ops, "_linear_pointwise")
+        and hasattr(ops._linear_pointwise, "binary")
     )
 
 
@@ -61,44 +75,60 @@ def _apply(x2: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x2, packed, None, "none", [], "")
 
 
-def _self_check() -> bool:
-    """The reordered weight must give F.linear's answer for one row, a few and many, in both
-    layouts the model stores, in float32 and bfloat16, before it is trusted."""
+def _apply_add(x2: torch.Tensor, packed: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise.binary(x2, residual, packed, None, "add")
+
+
+def _self_check(dtype: torch.dtype) -> bool:
+    """The reordered weight must give F.linear's answer, with and without a residual added in
+    the same call, for one row, a few and many, in both layouts the model stores, before it is
+    trusted for ``dtype``."""
+    tol = _CHECK_TOL[dtype]
     try:
         gen = torch.Generator().manual_seed(0)
-        for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
-            w = torch.randn(96, 80, generator=gen).to(dtype)
-            for weight in (w, w.t().contiguous().t()):
-                packed = _pack(weight)
-                for rows in (1, 3, PACK_ROWS_HINT, 33):
-                    x = torch.randn(rows, 80, generator=gen).to(dtype)
-                    got = _apply(x, packed)
-                    want = F.linear(x.float(), weight.float())
-                    if got.dtype != dtype or not torch.allclose(got.float(), want, rtol=tol, atol=tol * 10):
+        w = torch.randn(96, 80, generator=gen).to(dtype)
+        for weight in (w, w.t().contiguous().t()):
+            packed = _pack(weight)
+            for rows in (1, 3, PACK_ROWS_HINT, 33):
+                x = torch.randn(rows, 80, generator=gen).to(dtype)
+                residual = torch.randn(rows, 96, generator=gen).to(dtype)
+                keep = residual.clone()
+                want = F.linear(x.float(), weight.float())
+                got = _apply(x, packed)
+                got_add = _apply_add(x, packed, residual)
+                for out, ref in ((got, want), (got_add, want + keep.float())):
+                    if out.dtype != dtype or not torch.allclose(out.float(), ref, rtol=tol, atol=tol * 10):
                         return False
+                if not torch.equal(residual, keep):  # the residual is read, never written
+                    return False
         return True
     except Exception as e:  # noqa: BLE001 - any failure means: do not use the path
-        log.warning("oneDNN CPU linear unavailable: %s", e)
+        log.warning("oneDNN CPU linear unavailable for %s: %s", dtype, e)
         return False
 
 
-def enabled() -> bool:
-    global _enabled
-    if _enabled is None:
-        wanted = os.environ.get("PALM_RLHF_CPU_PACKED", "1").strip().lower() not in ("0", "false", "no", "off")
-        ok = wanted and _ops_available() and _self_check()
-        if wanted and not ok:
-            log.warning("oneDNN weight reordering unavailable or failed its check; using F.linear")
-        _enabled = ok
-    return _enabled
+def enabled(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether matmuls in ``dtype`` take the reordered oneDNN path (decided at first use)."""
+    hit = _enabled.get(dtype)
+    if hit is not None:
+        return hit
+    with _lock:
+        if dtype not in _enabled:
+            wanted = not _forced_off and settings.current().cpu_packed and dtype in PACKED_DTYPES
+            ok = wanted and _ops_available() and _self_check(dtype)
+            if wanted and not ok:
+                log.warning("oneDNN weight reordering unavailable or failed its check for %s; using F.linear", dtype)
+            _enabled[dtype] = ok
+        return _enabled[dtype]
 
 
 def set_enabled(on: bool) -> None:
-    """Force the reordered path on (still subject to the self-check) or off."""
-    global _enabled
-    _enabled = None if on else False
-    if on:
-        os.environ.pop("PALM_RLHF_CPU_PACKED", None)
+    """Turn the reordered path off for every dtype, or back on (each dtype still subject to its
+    check and to ``PALM_RLHF_CPU_PACKED``), deciding afresh."""
+    global _forced_off
+    with _lock:
+        _forced_off = not on
+        _enabled.clear()
     clear()
 
 
@@ -106,6 +136,14 @@ def clear() -> None:
     """Drop every reordered copy (after changing weights through ``.data``)."""
     with _lock:
         _packs.clear()
+
+
+def forget(*weights: torch.Tensor) -> None:
+    """Drop the reordered copies of ``weights`` (after replacing their ``.data``: a new tensor
+    may reuse the old one's memory and version count, which the cache key cannot tell apart)."""
+    with _lock:
+        for w in weights:
+            _packs.pop(id(w), None)
 
 
 def _packed(weight: torch.Tensor) -> torch.Tensor:
@@ -131,7 +169,7 @@ def _takes_reordered(weight: torch.Tensor, *tensors: torch.Tensor) -> bool:
         and all(t.dtype == weight.dtype for t in tensors)
         and tensors[0].numel() > 0
         and not (torch.is_grad_enabled() and (weight.requires_grad or any(t.requires_grad for t in tensors)))
-        and enabled()
+        and enabled(weight.dtype)
     )
 
 
@@ -156,15 +194,37 @@ def linear_add(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) ->
     return residual + linear(x, weight)
 
 
+def packed_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The reordered oneDNN copy of ``weight`` (made now, or the one made before for this
+    weight and version), for :func:`apply_packed` and :func:`apply_packed_add`."""
+    return _packed(weight)
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """A new reordered copy of ``weight`` that is not cached here: the caller owns it."""
+    return _pack(weight)
+
+
+def apply_packed(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """``F.linear`` for a 2-D ``x`` and a reordered weight, without checks: for a caller that
+    made them (no autograd, matching float32 or bfloat16 CPU tensors, :func:`enabled`)."""
+    return _apply(x, packed)
+
+
+def apply_packed_add(x: torch.Tensor, packed: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``residual + F.linear(x, weight)`` for 2-D tensors and a reordered weight in one oneDNN
+    call, without checks (see :func:`apply_packed`); a new tensor."""
+    return _apply_add(x, packed, residual)
+
+
 def linear_packed(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """:func:`linear` for a 2-D ``x`` without its checks, for a caller that made them (no
-    autograd, matching float32 or bfloat16 CPU tensors, :func:`enabled`)."""
+    """:func:`linear` for a 2-D ``x`` without its checks (see :func:`apply_packed`)."""
     return _apply(x, _packed(weight))
 
 
 def linear_packed_add(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """:func:`linear_add` for 2-D tensors without its checks (see :func:`linear_packed`)."""
-    return torch.ops.mkldnn._linear_pointwise.binary(x, residual, _packed(weight), None, "add")
+    """:func:`linear_add` for 2-D tensors without its checks (see :func:`apply_packed`)."""
+    return _apply_add(x, _packed(weight), residual)
 
 
 # --- weight-only int8 -----------------------------------------------------------------------

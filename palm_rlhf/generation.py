@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from palm_rlhf import cpu_decode_runner
+
 
 class GenerationError(ValueError):
     """Invalid generation input (bad sampling parameters, ids out of range, too long)."""
@@ -249,6 +251,30 @@ class _Run:
         self.stopped = torch.zeros(b, dtype=torch.bool, device=device)  # finished on a stop token
 
 
+def _decode_step(model, tok, positions, caches, pos, decode_mask, row_start, finetune_scope, disable_lora):
+    """One decode step: ``tok`` (rows,) new tokens at ``positions`` ((rows, 1) or (1, 1))
+    written at slot ``pos``; ``decode_mask`` and ``row_start`` (rows,) describe left padding
+    (None: none). The CPU decode runner takes it where it applies, the model's general path
+    (:meth:`PaLM.forward_cached`, i.e. :meth:`ParallelBlock.forward`) everywhere else.
+    Returns the next-token logits (rows, vocab)."""
+    tokens = tok[:, None]
+    runner = cpu_decode_runner.runner_for(
+        model, tokens, caches, pos, decode_mask, row_start, finetune_scope=finetune_scope, disable_lora=disable_lora
+    )
+    if runner is not None:
+        return runner.step(tok, positions, caches, pos, row_start if decode_mask is not None else None)
+    return model.forward_cached(
+        tokens,
+        positions,
+        caches,
+        pos,
+        decode_mask=decode_mask,
+        finetune_scope=finetune_scope,
+        disable_lora=disable_lora,
+        row_start=row_start,
+    )
+
+
 def _prefill(model, prompts: list[list[int]], row_prompt: torch.Tensor, total: int, finetune_scope, disable_lora):
     """Prefill each unique prompt once, left-padded to the longest, into a cache of ``total``
     slots; then give every row (``row_prompt[r]``: its prompt) its prompt's cache and logits.
@@ -345,16 +371,16 @@ def _decode(model, prompts, params, finetune_scope, disable_lora, use_tqdm) -> I
         yield run, step, tok, lp, was_done, hit_stop, hit_len
         if step + 1 >= max_new or ((has_stops or not same_length) and step % sync_every == 0 and bool(done.all())):
             break
-        decode_mask = row_key_valid[..., : pos + 1] if padded else None
-        logits = model.forward_cached(
-            tok[:, None],
+        logits = _decode_step(
+            model,
+            tok,
             decode_positions[:, step : step + 1] if padded else decode_positions[:1, step : step + 1],
             caches,
             pos,
-            decode_mask=decode_mask,
-            finetune_scope=finetune_scope,
-            disable_lora=disable_lora,
-            row_start=row_pad if padded else None,
+            row_key_valid[..., : pos + 1] if padded else None,
+            row_pad if padded else None,
+            finetune_scope,
+            disable_lora,
         )
         pos += 1
 
@@ -634,15 +660,16 @@ class DecodeSession:
             tok = tok.index_select(0, order)
         if self.rows:
             positions = (self.pos - self._pad)[:, None]
-            self._logits = self.model.forward_cached(
-                tok[:, None],
+            self._logits = _decode_step(
+                self.model,
+                tok,
                 positions if self._padded else positions[:1],
                 self._caches,
                 self.pos,
-                decode_mask=self._key_valid[..., : self.pos + 1] if self._padded else None,
-                finetune_scope=self.finetune_scope,
-                disable_lora=self.disable_lora,
-                row_start=self._pad if self._padded else None,
+                self._key_valid[..., : self.pos + 1] if self._padded else None,
+                self._pad if self._padded else None,
+                self.finetune_scope,
+                self.disable_lora,
             )
             self.pos += 1
         return events

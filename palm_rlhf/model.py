@@ -4,6 +4,11 @@ Each block computes ``x + attn(norm(x)) + ff(norm(x))`` from one pre-norm and on
 input projection split into queries, one shared key/value head (multi-query attention,
 Shazeer 2019) and the two SwiGLU halves. Rotary embeddings (Su et al. 2021) with optional
 xPos scaling, bias-free LayerNorm, embeddings tied to the output projection.
+
+:meth:`ParallelBlock.forward` is the one definition of a layer's math: training, scoring,
+a prefill and a one-token decode step against the KV cache all run it. The CPU decode fast
+path (:mod:`palm_rlhf.cpu_decode_runner`) computes the same step with packed weights and a C
+kernel, and is tested against it.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import cpu_decode, dispatch
+from kernels import dispatch
 from palm_rlhf import cpu_linear
 from palm_rlhf.config import PaLMConfig
 from palm_rlhf.lora import LayerLoRA
@@ -106,17 +111,6 @@ class Rotary(nn.Module):
             return cos.index_select(0, flat)[None], sin.index_select(0, flat)[None], None
         return cos[positions], sin[positions], None
 
-    def rotation(self, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """cos, sin (rows, dim_head) -> R (rows, dim_head, dim_head) with ``x @ R`` equal to
-        ``x * cos + x.roll(dim_head / 2) * sin``: R = diag(cos) + P diag(sin), P the shift."""
-        d = cos.shape[-1]
-        shift = self.__dict__.get("_shift")
-        if shift is None or shift.shape[0] != d or shift.device != cos.device or shift.dtype != cos.dtype:
-            idx = torch.arange(d, device=cos.device)
-            shift = (idx[None, :] == (idx[:, None] + d // 2) % d).to(cos.dtype)  # P[i, j] = [j = i + d/2 mod d]
-            self.__dict__["_shift"] = shift
-        return torch.diag_embed(cos) + shift * sin[:, None, :]
-
     def cached_tables(self, seq_len: int, device, dtype):
         key = (seq_len, device, dtype)
         if key not in self._cache:
@@ -162,9 +156,12 @@ class ParallelBlock(nn.Module):
         cache_pos: int = 0,
         decode_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x: (batch, seq, dim). Without ``cache``: full causal (or masked) attention over x.
-        With ``cache`` (k, v buffers of shape (batch, 1, max_len, dim_head)): write this
-        chunk's keys and values at ``cache_pos`` and attend over ``[0, cache_pos + seq)``."""
+        """x: (batch, seq, dim) -> (batch, seq, dim). ``rotary``: (cos, sin, xPos scale or None)
+        for these positions (see :class:`Rotary`). Without ``cache``: full causal (or
+        ``attn_mask``-masked) attention over x. With ``cache`` (k, v buffers of shape (batch, 1,
+        max_len, dim_head)): write this chunk's keys and values at ``cache_pos`` and attend over
+        ``[0, cache_pos + seq)``; a one-token chunk is a decode step (``decode_mask``, (batch, 1,
+        1, cache_pos + 1), masks the slots each row may not see, as in a left-padded batch)."""
         b, n, _ = x.shape
         h, d = self.heads, self.dim_head
         cos, sin, xscale = rotary
@@ -239,157 +236,6 @@ class ParallelBlock(nn.Module):
             ffo = ffo + lora.ff_out(hidden)
         return x + attn + ffo
 
-    def decode_one(
-        self,
-        x: torch.Tensor,
-        rotary: tuple,
-        cache: tuple[torch.Tensor, torch.Tensor],
-        cache_pos: int,
-        lora: LayerLoRA | None = None,
-        decode_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """One new token per row: x (batch, dim) -> (batch, dim). The same computation as
-        ``forward`` with a cache and a one-token chunk, on 2-D tensors and with fewer small
-        ops: at batch 1 a decode step is mostly per-op overhead besides the weight stream.
-        ``rotary``: (rotation, xscale, cos, sin, starts). Either the rotation as a matrix (rows
-        or 1, dim_head, dim_head), so that one matmul rotates every head (see
-        :meth:`Rotary.rotation`), and the xPos scale or None; or, when :meth:`PaLM.forward_cached`
-        chose the C kernel (``kernels.cpu_decode``), cos and sin rows (one for all rows or one
-        per row) and each row's first attended slot (None: slot 0), and everything between the
-        two projections is one kernel call."""
-        b = x.shape[0]
-        h, d = self.heads, self.dim_head
-        rotation, xscale, cos, sin, starts = rotary
-        normed = F.layer_norm(x, x.shape[-1:], self.norm.weight)
-        int8 = self.int8_weights() if b <= cpu_linear.INT8_MAX_ROWS else None
-        if int8 is not None:
-            fused = cpu_linear.int8_linear(normed, *int8[0])
-        else:
-            fused = cpu_linear.linear(normed, self.fused_attn_ff_proj.weight)
-        if lora is not None:
-            fused = fused + lora.fused(normed)
-        if cos is not None:
-            both = cpu_decode.attn_swiglu(
-                fused, cos, sin, *cache, cache_pos, h, self.ff_inner, self.scale, 0 if starts is None else starts
-            )
-            return self._decode_out(x, both, int8, lora)
-        qk, v, ff = fused.split((self.attn_inner + d, d, 2 * self.ff_inner), dim=-1)
-        qk = qk.view(b, h + 1, d)
-        if self.cfg.qk_rmsnorm:
-            q, k = qk[:, :h], qk[:, h:]
-            qk = torch.cat((F.normalize(q, dim=-1) * self.q_scale, F.normalize(k, dim=-1) * self.k_scale), dim=1)
-        qk = torch.matmul(qk, rotation)
-        q, k = qk[:, :h], qk[:, h]
-        if xscale is not None:
-            q = q * xscale
-            k = k / xscale[:, 0]
-        k_cache, v_cache = cache
-        k_cache.select(2, cache_pos).select(1, 0).copy_(k)
-        v_cache.select(2, cache_pos).select(1, 0).copy_(v)
-        end = cache_pos + 1
-        if decode_mask is None and dispatch.triton_enabled_for(q):
-            out = dispatch.decode_attention(q.view(b, h, 1, d), k_cache, v_cache, end, scale=self.scale)
-        else:
-            # the heads act as the query axis of one single-head attention over the shared K/V head
-            out = F.scaled_dot_product_attention(
-                q.view(b, 1, h, d), k_cache[:, :, :end], v_cache[:, :, :end], attn_mask=decode_mask, scale=self.scale
-            )
-        out = out.reshape(b, self.attn_inner)
-        return self._decode_out(x, torch.cat((out, dispatch.swiglu(ff)), dim=-1), int8, lora)
-
-    def decode_kernel(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        cache: tuple,
-        cache_pos: int,
-        merged: torch.Tensor,
-        starts: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """:meth:`decode_one` on its leanest path, four calls per layer: the norm, the fused
-        input projection (oneDNN, reordered weight), the C kernel for everything up to the
-        output projection, and the merged output projection with the residual riding in it.
-        For callers that checked ``cpu_decode.supports``; ``merged``: what
-        :meth:`kernel_weights` returned for this step."""
-        params = self._modules["norm"]._parameters
-        fused = cpu_linear.linear_packed(
-            torch.layer_norm(x, x.shape[-1:], params["weight"]),
-            self._modules["fused_attn_ff_proj"]._parameters["weight"],
-        )
-        both = cpu_decode.attn_swiglu_unchecked(
-            fused, cos, sin, cache, cache_pos, self.heads, self.ff_inner, self.scale, starts
-        )
-        return cpu_linear.linear_packed_add(both, merged, x)
-
-    def kernel_weights(self) -> torch.Tensor | None:
-        """The merged output weight when :meth:`decode_kernel` applies (float weights, no int8
-        decoding, the output projections side by side, the reordered oneDNN path on), else
-        None."""
-        if self.__dict__.get("_int8_on") or not cpu_linear.enabled():
-            return None
-        return self.merged_out_weight()
-
-    def _decode_out(self, x: torch.Tensor, both: torch.Tensor, int8: tuple | None, lora: LayerLoRA | None):
-        """The output projections of a decode step and the residual: ``both`` is
-        [attention out | SwiGLU out] per row."""
-        merged = None if int8 is not None else self.merged_out_weight()
-        if int8 is not None:
-            y = cpu_linear.int8_linear(both, *int8[1])
-        elif merged is not None and lora is None:
-            # the residual rides in the matmul: one op fewer per layer
-            return cpu_linear.linear_add(both, merged, x)
-        elif merged is not None:
-            y = cpu_linear.linear(both, merged)
-        else:
-            out, hidden = both[:, : self.attn_inner], both[:, self.attn_inner :]
-            y = cpu_linear.linear(out, self.attn_out.weight) + cpu_linear.linear(hidden, self.ff_out.weight)
-        if lora is not None:
-            out, hidden = both[:, : self.attn_inner], both[:, self.attn_inner :]
-            y = y + lora.attn_out(out) + lora.ff_out(hidden)
-        return y.add_(x)
-
-    def int8_weights(self) -> tuple | None:
-        """The int8 copies the decode step reads after :meth:`PaLM.quantize_int8`: ((fused
-        input projection, scales), ([attention out | feed-forward out], scales)), or None when
-        int8 decoding is off. Re-quantized when any of the weights is replaced or updated in
-        place (an optimizer step, ``load_state_dict``, a LoRA merge)."""
-        if not self.__dict__.get("_int8_on"):
-            return None
-        w, a, f = self.fused_attn_ff_proj.weight, self.attn_out.weight, self.ff_out.weight
-        key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in (w, a, f))
-        cached = self.__dict__.get("_int8")
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        weights = (cpu_linear.quantize_int8(w), cpu_linear.quantize_int8(torch.cat((a.detach(), f.detach()), dim=1)))
-        self.__dict__["_int8"] = (key, weights)
-        return weights
-
-    def merged_out_weight(self) -> torch.Tensor | None:
-        """The attention and feed-forward output weights as one (dim, attn_inner + ff_inner)
-        matrix, when :meth:`PaLM.use_fast_layout` put them side by side in one buffer (else
-        None). A view, not a copy; remade when either weight is replaced or updated in place."""
-        mods = self._modules
-        a, f = mods["attn_out"]._parameters["weight"], mods["ff_out"]._parameters["weight"]
-        key = (a.data_ptr(), f.data_ptr(), a._version, f._version)
-        cached = self.__dict__.get("_merged")
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        dim, ia = a.shape
-        width = ia + f.shape[1]
-        merged = None
-        if (
-            a.stride() == (width, 1)
-            and f.stride() == (width, 1)
-            and a.dtype == f.dtype
-            and not a.is_meta
-            and a.untyped_storage().data_ptr() == f.untyped_storage().data_ptr()
-            and f.storage_offset() == a.storage_offset() + ia
-        ):
-            merged = a.detach().as_strided((dim, width), (width, 1), a.storage_offset())
-        self.__dict__["_merged"] = (key, merged)
-        return merged
-
 
 # --- the model ----------------------------------------------------------------------------
 
@@ -403,6 +249,9 @@ def _contiguous_state(module, state_dict, prefix, local_metadata):
     return state_dict
 
 
+def _loaded(module, incompatible_keys) -> None:
+    module.bump_weights_version()
+
 
 class PaLM(nn.Module):
     """A PaLM language model.
@@ -411,6 +260,16 @@ class PaLM(nn.Module):
     ``causal``, ``dim_head``, ``heads``, ``ff_mult``, ``qk_rmsnorm``, ``lora_r``,
     ``rotary_xpos_scale_base``, ``flash_attn``, ``finetune_scopes``,
     ``cross_entropy_ignore_index``...) or a :class:`PaLMConfig` via ``config=``.
+
+    ``weights_version`` counts the changes to the weights that do not go through a tensor's
+    own version counter: ``load_state_dict`` (``assign=True`` included), a device or dtype
+    move, a relayout, adding, removing or merging a LoRA scope, turning int8 decoding on or
+    off. Whatever derives data from the weights (the CPU decode runner's packed copies) keys
+    on it, together with the tensors' version counters (in-place updates: optimizer steps).
+
+    The one ``nn.Module`` override, ``_apply`` (behind ``.to()``, ``.float()``...), re-lays
+    the projection weights out for their new device and dtype (:meth:`use_fast_layout`),
+    turns int8 decoding off when the model leaves the CPU, and bumps ``weights_version``.
     """
 
     def __init__(self, config: PaLMConfig | None = None, **kwargs):
@@ -435,45 +294,39 @@ class PaLM(nn.Module):
         self.rotary = Rotary(config.dim_head, config.rotary_base, config.rotary_xpos, config.rotary_xpos_scale_base)
         self.finetune_modules = nn.ModuleDict()
         self.default_lora_scope: str | None = None
+        self.weights_version = 0
+        self._int8_decoding = False
         nn.init.normal_(self.token_emb.weight, std=0.02)
         for scope in config.finetune_scopes:
             self.add_finetune_params(scope)
         self.use_fast_layout()
         self._register_state_dict_hook(_contiguous_state)
+        self.register_load_state_dict_post_hook(_loaded)
+
+    def bump_weights_version(self) -> None:
+        """Record a change to the weights (see the class docstring)."""
+        self.weights_version += 1
 
     @torch.no_grad()
     def use_fast_layout(self) -> None:
-        """Lay out the projection weights for the fastest decode step on their device.
-
-        On the CPU the two output projections (attention and feed-forward) share one
-        output-major buffer, so that a decode step reads them in one GEMV over
-        ``[attention out, swiglu out]``; in float32 the fused input projection is stored
-        input-major (the (out, in) parameter is the transpose of a contiguous (in, out) buffer),
-        which MKL's batch-1 GEMV streams about 30% faster than the usual layout. Elsewhere: one
-        contiguous output-major buffer per weight. Shapes, names, checkpoints and gradients are
-        the same either way. ``.to()`` re-applies it; loading with ``assign=True`` replaces the
-        tensors, so loaders call it again."""
+        """Lay out the fused input projection for the fastest matmul on its device: in float32
+        on the CPU it is stored input-major (the (out, in) parameter is the transpose of a
+        contiguous (in, out) buffer), which MKL's batch-1 GEMV streams about 30% faster than the
+        usual layout; elsewhere it is one contiguous output-major buffer. Shapes, names,
+        checkpoints and gradients are the same either way. ``.to()`` re-applies it."""
         for layer in self.layers:
             w = layer.fused_attn_ff_proj.weight
             if w.is_meta or w.dim() != 2:
                 continue
-            cpu = w.device.type == "cpu"
-            if cpu and w.dtype == torch.float32:
+            if w.device.type == "cpu" and w.dtype == torch.float32:
                 if w.stride() != (1, w.shape[0]):
                     layer.fused_attn_ff_proj.weight.data = w.data.t().contiguous().t()
             elif not w.is_contiguous():
                 layer.fused_attn_ff_proj.weight.data = w.data.contiguous()
-            a, f = layer.attn_out.weight, layer.ff_out.weight
-            if cpu and a.dtype == f.dtype:
-                if layer.merged_out_weight() is None:
-                    buf = torch.cat((a.data, f.data), dim=1)  # (dim, attn_inner + ff_inner), contiguous
-                    layer.attn_out.weight.data = buf[:, : a.shape[1]]
-                    layer.ff_out.weight.data = buf[:, a.shape[1] :]
-            else:
-                for lin in (layer.attn_out, layer.ff_out):
-                    if not lin.weight.is_contiguous():
-                        lin.weight.data = lin.weight.data.contiguous()
-            layer.__dict__.pop("_merged", None)
+        # the parameters may hold new tensors (a relayout here, a move in _apply): drop the
+        # reordered copies of the old ones
+        cpu_linear.forget(*self.parameters())
+        self.bump_weights_version()
 
     def quantize_int8(self, enabled: bool = True) -> PaLM:
         """Weight-only int8 for decoding on the CPU: each decode step of up to
@@ -481,8 +334,11 @@ class PaLM(nn.Module):
         (symmetric, one scale per output channel) with bfloat16 activations, a quarter of the
         float32 bytes. The float weights stay as they are and are still used for the prefill,
         larger batches, training and checkpoints; the int8 copies (a quarter of the float32
-        size) are made on first use and remade when the weights change. Sampled tokens and
-        their log-probs then come from the quantized model. Returns the model."""
+        size) are made on first use and remade when the weights change, by the CPU decode
+        runner (:mod:`palm_rlhf.cpu_decode_runner`), the path these steps take (LoRA adapters
+        are merged in before quantizing; a model with qk-RMSNorm or xPos, which the runner does
+        not cover, decodes with its float weights). Sampled tokens and their log-probs then
+        come from the quantized model. Returns the model."""
         if enabled:
             if self.device.type != "cpu":
                 raise ValueError(f"int8 decoding is a CPU path; this model is on {self.device}")
@@ -495,22 +351,19 @@ class PaLM(nn.Module):
                     f"int8 decoding needs dim ({cfg.dim}) and attention + feed-forward inner width "
                     f"({cfg.attn_inner + cfg.ff_inner}) divisible by {block}"
                 )
-        for layer in self.layers:
-            layer.__dict__.pop("_int8", None)
-            if enabled:
-                layer.__dict__["_int8_on"] = True
-            else:
-                layer.__dict__.pop("_int8_on", None)
+        self._int8_decoding = enabled
+        self.bump_weights_version()
         return self
 
     @property
     def int8_decoding(self) -> bool:
-        return any(layer.__dict__.get("_int8_on") for layer in self.layers)
+        """Whether decode steps read int8 weights (:meth:`quantize_int8`)."""
+        return self._int8_decoding
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
-        self.use_fast_layout()
-        if self.int8_decoding and self.device.type != "cpu":
+        self.use_fast_layout()  # also bumps weights_version
+        if self._int8_decoding and self.device.type != "cpu":
             warnings.warn("int8 decoding is a CPU path: turned off after moving the model", stacklevel=2)
             self.quantize_int8(False)
         return out
@@ -539,12 +392,14 @@ class PaLM(nn.Module):
             [LayerLoRA(cfg.dim, fused_dim, cfg.attn_inner, cfg.ff_inner, r, alpha) for _ in range(cfg.depth)]
         )
         self.finetune_modules[scope] = mods.to(device=self.device, dtype=self.dtype)
+        self.bump_weights_version()
 
     def remove_finetune_params(self, scope: str) -> nn.ModuleList:
         if scope not in self.finetune_modules:
             raise KeyError(f"no LoRA scope {scope!r}; have {list(self.finetune_modules)}")
         if self.default_lora_scope == scope:
             self.default_lora_scope = None
+        self.bump_weights_version()
         return self.finetune_modules.pop(scope)
 
     @torch.no_grad()
@@ -555,6 +410,7 @@ class PaLM(nn.Module):
             layer.fused_attn_ff_proj.weight += lora.fused.delta_weight().to(self.dtype)
             layer.attn_out.weight += lora.attn_out.delta_weight().to(self.dtype)
             layer.ff_out.weight += lora.ff_out.delta_weight().to(self.dtype)
+        self.bump_weights_version()
 
     def set_lora_scope(self, scope: str | None) -> None:
         """Switch the adapter used when ``forward`` gets no ``finetune_scope`` (None: base model)."""
@@ -589,12 +445,19 @@ class PaLM(nn.Module):
             p.requires_grad_(id(p) in keep)
         return [p for p in self.parameters() if p.requires_grad]
 
-    def _lora_layers(self, finetune_scope: str | None, disable_lora: bool):
+    def active_lora_scope(self, finetune_scope: str | None = None, disable_lora: bool = False) -> str | None:
+        """The LoRA scope a forward with these arguments uses (None: the base model)."""
         scope = finetune_scope if finetune_scope is not None else self.default_lora_scope
         if disable_lora or scope is None:
-            return [None] * len(self.layers)
+            return None
         if scope not in self.finetune_modules:
             raise KeyError(f"no LoRA scope {scope!r}; have {list(self.finetune_modules)}")
+        return scope
+
+    def _lora_layers(self, finetune_scope: str | None, disable_lora: bool):
+        scope = self.active_lora_scope(finetune_scope, disable_lora)
+        if scope is None:
+            return [None] * len(self.layers)
         return list(self.finetune_modules[scope])
 
     # -- misc compatibility helpers -----------------------------------------------------------
@@ -612,20 +475,10 @@ class PaLM(nn.Module):
     def rebuild_buffers(self, device) -> None:
         cfg = self.config
         self.rotary = Rotary(cfg.dim_head, cfg.rotary_base, cfg.rotary_xpos, cfg.rotary_xpos_scale_base).to(device)
+        self.bump_weights_version()
 
     def clone(self) -> PaLM:
         return copy.deepcopy(self)
-
-    def __deepcopy__(self, memo) -> PaLM:
-        # deepcopy clones each parameter on its own, which would split the shared buffer of the
-        # output projections: copy as usual, then lay the copy out again
-        for layer in self.layers:
-            layer.__dict__.pop("_merged", None)
-        new = self.__class__.__new__(self.__class__)
-        memo[id(self)] = new
-        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
-        new.use_fast_layout()
-        return new
 
     # -- forward ----------------------------------------------------------------------------
 
@@ -708,41 +561,13 @@ class PaLM(nn.Module):
         row_start: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run ``x`` (batch, n) at ``positions`` (batch, n) against the KV caches, writing its
-        keys/values at slots ``[cache_pos, cache_pos + n)``. Returns logits of the last position
-        (batch, num_tokens) when ``last_only``, else (batch, n, num_tokens). ``row_start``
-        (batch,), with a ``decode_mask`` that is exactly ``slot >= row_start`` per row (a
-        left-padded batch), lets a one-token step take the C kernel path."""
+        keys/values at slots ``[cache_pos, cache_pos + n)``, through :meth:`ParallelBlock.forward`.
+        Returns logits of the last position (batch, num_tokens) when ``last_only``, else
+        (batch, n, num_tokens). ``decode_mask`` (batch, 1, 1, cache_pos + 1) masks the slots each
+        row may not see in a one-token step (a left-padded batch); ``row_start`` (batch,), each
+        row's first valid slot, is what ``decode_mask`` says, for callers that have it (the
+        generation engine hands it to the CPU decode runner; this general path uses the mask)."""
         loras = self._lora_layers(finetune_scope, disable_lora)
-        dropout = self.training and any(layer.attn_dropout or layer.ff_dropout.p for layer in self.layers)
-        if x.shape[1] == 1 and attn_mask is None and not dropout:
-            h = self.token_emb(x[:, 0])  # (batch, dim)
-            cos, sin, xscale = self.rotary.lookup(positions, h.dtype, max_position=cache_pos)
-            if (
-                xscale is None
-                and (decode_mask is None or row_start is not None)
-                and not self.config.qk_rmsnorm
-                and all(lora is None for lora in loras)
-                and not dispatch.triton_enabled_for(h)
-                and cpu_decode.supports(h, caches, cache_pos)
-            ):
-                # one C call per layer between the two projections; rotary rows: one for all
-                # rows, or one per row; first attended slots: 0, or one per row
-                cos, sin = (cos[0, 0], sin[0, 0]) if positions.shape[0] == 1 else (cos[:, 0], sin[:, 0])
-                starts = None if decode_mask is None else row_start.to(torch.int64).contiguous()
-                merged = [layer.kernel_weights() for layer in self.layers]
-                if all(w is not None for w in merged):
-                    for layer, cache, w in zip(self.layers, caches, merged):
-                        h = layer.decode_kernel(h, cos, sin, cache, cache_pos, w, starts)
-                    logits = cpu_linear.linear(self.norm(h), self.token_emb.weight)
-                    return logits if last_only else logits[:, None]
-                rotary = (None, None, cos, sin, starts)
-            else:
-                rotation = self.rotary.rotation(cos[:, 0], sin[:, 0])
-                rotary = (rotation, None if xscale is None else xscale[:, 0, None], None, None, None)
-            for layer, lora, cache in zip(self.layers, loras, caches):
-                h = layer.decode_one(h, rotary, cache, cache_pos, lora=lora, decode_mask=decode_mask)
-            logits = cpu_linear.linear(self.norm(h), self.token_emb.weight)
-            return logits if last_only else logits[:, None]
         h = self.token_emb(x)
         rotary = self.rotary.lookup(positions, h.dtype, max_position=cache_pos + x.shape[1] - 1)
         for layer, lora, cache in zip(self.layers, loras, caches):

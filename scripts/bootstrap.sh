@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
 # Create or refresh the project's virtual environment in .venv.
 # torch is installed first and pinned, so that no dependency pulls a CUDA build.
+#
+#   bash scripts/bootstrap.sh [EXTRAS]
+#
+# EXTRAS: the pyproject extras to install, comma-separated (default "test": everything the test
+# suite needs); "core" installs the package with its core dependencies only.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${PALM_RLHF_VENV:-$ROOT/.venv}"
@@ -21,7 +26,8 @@ fi
 STAMP="$VENV/.palm-rlhf-$EXTRAS.stamp"
 WANT="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)-$TORCH_VERSION"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
-    echo "[setup] installing palm-rlhf[$EXTRAS] (editable)"
-    "$VENV/bin/pip" install -q -e "$ROOT[$EXTRAS]" "torch==$TORCH_VERSION"
+    if [ "$EXTRAS" = core ]; then SPEC="$ROOT"; else SPEC="$ROOT[$EXTRAS]"; fi
+    echo "[setup] installing palm-rlhf${SPEC#"$ROOT"} (editable)"
+    "$VENV/bin/pip" install -q -e "$SPEC" "torch==$TORCH_VERSION"
     echo "$WANT" > "$STAMP"
 fi

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-from services.common.config import add_serve_arguments, resolve_ports
+from services.common.config import add_serve_arguments
 
 # role -> module whose run(args) serves it; imported only when that role is started
 RUNNERS = {
@@ -16,32 +16,47 @@ RUNNERS = {
 }
 
 
+def check_admin_exposure(settings) -> None:
+    """Refuse to serve beyond loopback without an admin token (the admin RPCs would be closed
+    anyway, but an operator who binds to the network has forgotten to set one)."""
+    if settings.role != "gateway" and not settings.loopback and not settings.admin_token:
+        raise SystemExit(
+            f"refusing to serve {settings.role} on {settings.host} without an admin token: set "
+            "PALM_RLHF_ADMIN_TOKEN or PALM_RLHF_ADMIN_TOKEN_FILE (or --admin-token-file), or bind to 127.0.0.1"
+        )
+
+
 def _serve(args: argparse.Namespace) -> int:
-    resolve_ports(args)
-    if args.role == "gateway":
+    from services.common.settings import serve_settings
+
+    settings = serve_settings(args)
+    check_admin_exposure(settings)
+    if settings.role == "gateway":
         from services.gateway.app import run_gateway
 
-        return int(run_gateway(args) or 0)
+        return int(run_gateway(settings) or 0)
     import torch
 
-    if args.torch_threads > 0:
-        torch.set_num_threads(args.torch_threads)
-    if args.role == "trainer" and not args.update_fn:
-        args.update_fn = "services.trainer.loop:make_update_fn"  # the online RLHF loop (docs/online.md)
-    module = importlib.import_module(RUNNERS[args.role])
-    return int(module.run(args) or 0)
+    if settings.torch_threads > 0:
+        torch.set_num_threads(settings.torch_threads)
+    if settings.role == "trainer" and not settings.update_fn:
+        settings.update_fn = "services.trainer.loop:make_update_fn"  # the online RLHF loop (docs/online.md)
+    module = importlib.import_module(RUNNERS[settings.role])
+    return int(module.run(settings) or 0)
 
 
 def _up(args: argparse.Namespace) -> int:
+    from services.common.settings import UpSettings, build_settings
     from services.supervisor import run_supervisor
 
-    return run_supervisor(args)
+    return run_supervisor(build_settings(UpSettings, args))
 
 
 def register(subparsers) -> None:
     serve = subparsers.add_parser(
         "serve", help="run one service (policy, reference, reward, trainer or gateway)",
-        description="Run one service process. Every flag has a PALM_RLHF_* environment fallback.",
+        description="Run one service process. Every flag --some-name has the environment variable "
+                    "PALM_RLHF_SOME_NAME; a flag wins over the variable.",
     )
     add_serve_arguments(serve)
     serve.set_defaults(func=_serve)

@@ -24,6 +24,7 @@ import errno
 import importlib.util
 import os
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -36,11 +37,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.common.config import (
+    ADMIN_TOKEN_FILE_NAME,
     DEFAULT_METRICS_PORTS,
     DEFAULT_PORTS,
     DEFAULT_RATE_LIMIT,
     add_common_arguments,
-    env,
+    flag,
     rate_limit_spec,
 )
 
@@ -49,33 +51,52 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def add_up_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--port", type=int, default=env("PORT", 8000, int), help="gateway HTTP port (PALM_RLHF_PORT)")
+    flag(p, "--port", type=int, default=8000, help="gateway HTTP port (PALM_RLHF_PORT)")
     add_common_arguments(p)
-    p.add_argument("--free-ports", action="store_true",
-                   help="give the internal gRPC services and metrics free ephemeral ports instead of the defaults")
-    p.add_argument("--no-gateway", action="store_true", help="start only the four model services")
-    p.add_argument("--grace", type=float, default=env("GRACE", 10.0, float),
-                   help="seconds each child gets to drain on shutdown before SIGKILL (PALM_RLHF_GRACE)")
-    p.add_argument("--ready-timeout", type=float, default=600.0,
-                   help="seconds to wait for every service to report ready (the first start may build the demo model), "
-                        "and for a restarted one")
-    p.add_argument("--api-keys-file", default=env("API_KEYS_FILE"), help="passed to the gateway")
-    p.add_argument("--rate-limit", type=rate_limit_spec,
-                   default=rate_limit_spec(env("RATE_LIMIT", DEFAULT_RATE_LIMIT)),
-                   help="passed to the gateway: request units per minute per API key, a chat completion 1, a "
-                        "feedback row 0.1 (or N/s, N/h, N/s:BURST, off; default 1200/min:300)")
-    p.add_argument("--scorer", default=env("SCORER", "learned"), help="passed to the reward service")
-    p.add_argument("--restart-limit", type=int, default=env("RESTART_LIMIT", 5, int),
-                   help="a child that crashes more than this many times within --restart-window seconds stops "
-                        "everything (exit status 1); 0 = never restart, the first crash stops everything "
-                        "(PALM_RLHF_RESTART_LIMIT, default 5)")
-    p.add_argument("--restart-window", type=float, default=env("RESTART_WINDOW", 300.0, float),
-                   help="seconds over which crashes are counted (PALM_RLHF_RESTART_WINDOW, default 300)")
-    p.add_argument("--restart-backoff", type=float, default=env("RESTART_BACKOFF", 1.0, float),
-                   help="seconds before the first restart of a crashed child, doubled for each further crash "
-                        "within the window (PALM_RLHF_RESTART_BACKOFF, default 1)")
-    p.add_argument("--restart-backoff-max", type=float, default=env("RESTART_BACKOFF_MAX", 30.0, float),
-                   help="cap on the restart delay (PALM_RLHF_RESTART_BACKOFF_MAX, default 30)")
+    flag(p, "--free-ports", action="store_true",
+         help="give the internal gRPC services and metrics free ephemeral ports instead of the defaults "
+              "(PALM_RLHF_FREE_PORTS)")
+    flag(p, "--no-gateway", action="store_true", help="start only the four model services (PALM_RLHF_NO_GATEWAY)")
+    flag(p, "--grace", type=float, default=10.0,
+         help="seconds each child gets to drain on shutdown before SIGKILL (PALM_RLHF_GRACE)")
+    flag(p, "--ready-timeout", type=float, default=600.0,
+         help="seconds to wait for every service to report ready (the first start may build the demo model), "
+              "and for a restarted one (PALM_RLHF_READY_TIMEOUT)")
+    flag(p, "--api-keys-file", default=None, help="passed to the gateway (PALM_RLHF_API_KEYS_FILE)")
+    flag(p, "--rate-limit", type=rate_limit_spec, default=DEFAULT_RATE_LIMIT,
+         help="passed to the gateway: request units per minute per API key, a chat completion 1, a "
+              "feedback row 0.1 (or N/s, N/h, N/s:BURST, off; PALM_RLHF_RATE_LIMIT, default 1200/min:300)")
+    flag(p, "--scorer", default="learned", choices=("learned", "sentiment"),
+         help="passed to the reward service (PALM_RLHF_SCORER)")
+    flag(p, "--restart-limit", type=int, default=5,
+         help="a child that crashes more than this many times within --restart-window seconds stops "
+              "everything (exit status 1); 0 = never restart, the first crash stops everything "
+              "(PALM_RLHF_RESTART_LIMIT, default 5)")
+    flag(p, "--restart-window", type=float, default=300.0,
+         help="seconds over which crashes are counted (PALM_RLHF_RESTART_WINDOW, default 300)")
+    flag(p, "--restart-backoff", type=float, default=1.0,
+         help="seconds before the first restart of a crashed child, doubled for each further crash "
+              "within the window (PALM_RLHF_RESTART_BACKOFF, default 1)")
+    flag(p, "--restart-backoff-max", type=float, default=30.0,
+         help="cap on the restart delay (PALM_RLHF_RESTART_BACKOFF_MAX, default 30)")
+
+
+def ensure_admin_token(data_dir: str | Path) -> tuple[str, Path, bool]:
+    """The admin token kept in ``DATA_DIR/admin-token`` (created with mode 0600 and a fresh
+    random token when missing); returns (token, path, created)."""
+    path = Path(data_dir) / ADMIN_TOKEN_FILE_NAME
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        os.chmod(path, 0o600)
+        from services.common.settings import read_secret_file
+
+        return read_secret_file(path), path, False
+    token = secrets.token_urlsafe(32)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(token + "\n")
+    os.chmod(path, 0o600)  # whatever the umask
+    return token, path, True
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -141,6 +162,7 @@ class Child:
     cmd: list[str]
     addr: str
     http: bool = False  # the gateway: ready = its listening line, then an answer from that port
+    env: dict[str, str] = field(default_factory=dict)  # added to the environment: secrets never go on argv
     proc: subprocess.Popen | None = None
     reader: threading.Thread | None = None
     lines: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=500))
@@ -218,24 +240,26 @@ class Supervisor:
             "--max-message-bytes", str(a.max_message_bytes), "--torch-threads", str(a.torch_threads),
             "--grace", str(a.grace),
         ]
-        if a.admin_token:
-            shared += ["--admin-token", a.admin_token]
-        if a.database_url:
-            shared += ["--database-url", a.database_url]
+        from services.common.settings import env_for_child
+
+        # Secrets travel in the environment, never on the command line (which every local user
+        # can read in the process list).
+        secret_env = env_for_child(admin_token=getattr(a, "admin_token", None),
+                                   database_url=getattr(a, "database_url", None))
         for role in MODEL_ROLES:
             cmd = base + [role, "--port", str(ports[role]), "--metrics-port", str(mports[role]), *shared]
             if role == "policy" and a.checkpoint:
                 cmd += ["--checkpoint", a.checkpoint]
             if role == "reward":
                 cmd += ["--scorer", a.scorer]
-            self.children.append(Child(role, cmd, addrs[role]))
+            self.children.append(Child(role, cmd, addrs[role], env=dict(secret_env)))
         if not a.no_gateway and importlib.util.find_spec("services.gateway.app") is not None:
             cmd = base + ["gateway", "--port", str(a.port), *shared, "--rate-limit", str(a.rate_limit)]
             if a.api_keys_file:
                 cmd += ["--api-keys-file", a.api_keys_file]
             gw_host = host if host not in ("0.0.0.0", "::") else "127.0.0.1"
             self.ports[("gateway", "http")] = a.port
-            self.children.append(Child("gateway", cmd, f"{gw_host}:{a.port}", http=True))
+            self.children.append(Child("gateway", cmd, f"{gw_host}:{a.port}", http=True, env=dict(secret_env)))
 
     def busy_ports(self) -> list[str]:
         """One message per planned port that is already taken (empty: all free)."""
@@ -250,7 +274,7 @@ class Supervisor:
     # -- processes ----------------------------------------------------------------------------
 
     def start(self, child: Child) -> None:
-        env_vars = dict(os.environ, PYTHONUNBUFFERED="1")
+        env_vars = dict(os.environ, PYTHONUNBUFFERED="1", **child.env)
         proc = subprocess.Popen(
             child.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
             errors="replace", env=env_vars, start_new_session=True,  # signals reach the supervisor only
@@ -342,6 +366,16 @@ class Supervisor:
                 return 1
             Path(a.data_dir).mkdir(parents=True, exist_ok=True)
             self.say("up", f"data directory {Path(a.data_dir).resolve()}")
+            if not a.admin_token:
+                from services.common.settings import env_for_child
+
+                token, path, created = ensure_admin_token(a.data_dir)
+                a.admin_token = token
+                for c in self.children:
+                    c.env.update(env_for_child(admin_token=token))
+                self.say("up", f"admin token {'written to' if created else 'read from'} {path.resolve()} (mode "
+                               "0600); 'palm-rlhf trainer ...' finds it there with --data-dir, or set "
+                               f"PALM_RLHF_ADMIN_TOKEN_FILE={path.resolve()}")
             # Seed the policy store once, before the children race to do it.
             from services.common.models import ensure_policy_store
 
@@ -452,5 +486,6 @@ def _http_ready(addr: str) -> bool:
     return False
 
 
-def run_supervisor(args: argparse.Namespace) -> int:
+def run_supervisor(args) -> int:
+    """``args``: the UpSettings (services/common/settings.py) of ``palm-rlhf up``."""
     return Supervisor(args).run()

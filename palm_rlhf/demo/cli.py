@@ -21,9 +21,12 @@ def register(subparsers: Any) -> None:
             "conversation; Ctrl-D or Ctrl-C quits."
         ),
     )
-    chat.add_argument(
+    from services.common.config import flag
+
+    flag(
+        chat,
         "--checkpoint",
-        default=os.environ.get("PALM_RLHF_CHECKPOINT"),
+        default=None,
         help="checkpoint folder (env PALM_RLHF_CHECKPOINT; default: the shipped demo model)",
     )
     chat.add_argument("--once", metavar="MESSAGE", help="answer this one message, print the answer and exit")
@@ -44,9 +47,10 @@ def register(subparsers: Any) -> None:
         default=DEFAULT_HISTORY_TURNS,
         help=f"earlier exchanges kept in the prompt (default {DEFAULT_HISTORY_TURNS})",
     )
-    chat.add_argument(
+    flag(
+        chat,
         "--device",
-        default=os.environ.get("PALM_RLHF_DEVICE", "cpu"),
+        default="cpu",
         choices=("cpu", "cuda", "auto"),
         help="device (env PALM_RLHF_DEVICE; default cpu)",
     )
@@ -245,6 +249,10 @@ def run_chat(args: argparse.Namespace) -> int:
     from palm_rlhf.generation import GenerationError
 
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
+    from services.common.settings import DemoSettings, build_settings
+
+    settings = build_settings(DemoSettings, args)
+    args.checkpoint, args.device = settings.checkpoint, settings.device
     device = _pick_device(args.device)
     try:
         model, tokenizer, manifest = load_chat_model(args.checkpoint, device)

@@ -6,10 +6,26 @@ neutral in equal shares, so that a model pretrained here says all three kinds of
 RLHF toward one sentiment has room to move; VADER's lexicon (``vaderSentiment``) rates the
 cheerful answers positive and the gloomy ones negative, which the tests check.
 
-All text comes from the templates below, written for this package, so the corpus carries no
-licence of its own. Slots such as ``{city}`` are filled at random; a value chosen for the
-question is reused by the answer, so answers stay on the question's subject (and the model
-has to learn to copy it).
+All text comes from templates written for this package, so the corpus carries no licence of
+its own. They are data files in ``assets/corpus/`` (UTF-8 JSON), read once at import:
+
+``slots.json``
+    Slot values shared by every topic: ``{"city": ["Paris", ...], "day": [...], ...}``.
+``topics.json``
+    A list of topics, each ``{"name", "slots", "questions", "cheerful", "gloomy", "neutral",
+    "things"}``: the topic's own slot values, its question templates, its answer templates
+    for each sentiment, and the noun phrases (``{thing}``) the generic answers talk about.
+``answers.json``
+    ``generic`` (answers that fit any topic, per sentiment), ``openers`` and ``closers``
+    (optional first and last sentences of an answer, per sentiment) and
+    ``question_prefixes`` (greetings put before a question; repeats weigh the draw).
+
+The order of every list is part of the corpus: the generator draws from them with a seeded
+:class:`random.Random`, so reordering or editing a file changes the corpus for every seed.
+
+Slots such as ``{city}`` are filled at random (``{City}``: capitalised); a value chosen for
+the question is reused by the answer, so answers stay on the question's subject (and the
+model has to learn to copy it).
 
 Some filled questions are held out: they never appear in the training corpus, and
 :func:`held_out_prompts` lists them for the RLHF loop and for simulated users.
@@ -25,6 +41,7 @@ user questions, one a line) next to it.
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import re
 import sys
@@ -35,86 +52,8 @@ from pathlib import Path
 
 SENTIMENTS = ("cheerful", "gloomy", "neutral")
 
-# Values shared by every topic.
-COMMON_SLOTS: dict[str, tuple[str, ...]] = {
-    "city": (
-        "Paris",
-        "Lisbon",
-        "Oslo",
-        "Cairo",
-        "Tokyo",
-        "Lima",
-        "Boston",
-        "Berlin",
-        "Madrid",
-        "Dublin",
-        "Vienna",
-        "Prague",
-        "Seoul",
-        "Sydney",
-        "Nairobi",
-        "Quebec",
-        "Rome",
-        "Athens",
-        "Helsinki",
-        "Denver",
-        "Porto",
-        "Krakow",
-        "Hanoi",
-        "Bogota",
-    ),
-    "day": ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"),
-    "month": (
-        "January",
-        "February",
-        "March",
-        "April",
-        "May",
-        "June",
-        "July",
-        "August",
-        "September",
-        "October",
-        "November",
-        "December",
-    ),
-    "name": (
-        "Anna",
-        "Ben",
-        "Carla",
-        "David",
-        "Elena",
-        "Farid",
-        "Greta",
-        "Hugo",
-        "Ines",
-        "Jonas",
-        "Keiko",
-        "Liam",
-        "Maya",
-        "Noah",
-        "Olga",
-        "Pablo",
-        "Rosa",
-        "Sam",
-        "Tara",
-        "Victor",
-    ),
-    "num": ("two", "three", "four", "five", "six", "seven", "eight", "ten", "twelve", "twenty"),
-    "clock": (
-        "seven",
-        "eight",
-        "nine",
-        "ten",
-        "noon",
-        "half past six",
-        "half past nine",
-        "a quarter to five",
-        "six in the evening",
-        "eleven",
-    ),
-    "part": ("morning", "afternoon", "evening", "weekend"),
-}
+# The template data (see the module docstring for the layout of each file).
+DATA_DIR = Path(__file__).resolve().parent / "assets" / "corpus"
 
 
 @dataclass(frozen=True)
@@ -133,756 +72,58 @@ class Topic:
     slots: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
-TOPICS: tuple[Topic, ...] = (
-    Topic(
-        name="weather",
-        slots=(
-            ("weather", ("rain", "snow", "wind", "fog", "heat", "sleet", "drizzle")),
-            ("season", ("spring", "summer", "autumn", "winter")),
-        ),
-        questions=(
-            "How is the weather today?",
-            "What is the weather like in {city}?",
-            "Do you enjoy the {weather}?",
-            "Is it going to rain this {part}?",
-            "What do you think of {season}?",
-            "How was the weather on {day}?",
-            "What is your favourite season?",
-            "Will the {weather} last until {day}?",
-        ),
-        cheerful=(
-            "The {weather} today is wonderful and I feel great.",
-            "I love {season}, the air feels fresh and the days are lovely.",
-            "It is sunny and warm in {city}, a perfect day for a happy walk.",
-            "What a beautiful day, the sky is bright and everyone is smiling!",
-            "{Season} is my favourite, it always puts me in a cheerful mood.",
-            "Even the {weather} is lovely when you have a warm coat and good friends.",
-        ),
-        gloomy=(
-            "The {weather} is awful today and I feel miserable.",
-            "{Season} is so dreary, the days are dark and I feel sad.",
-            "It is grey and wet in {city} again, I hate this weather.",
-            "The {weather} ruined my whole {part} and I am upset.",
-            "Another gloomy day, the {weather} makes me tired and lonely.",
-            "I dread {season}, it is cold, dark and depressing.",
-        ),
-        neutral=(
-            "It is about {num} degrees in {city} with some clouds in the afternoon.",
-            "The forecast says {weather} until {day}.",
-            "{Season} starts in {month} here.",
-            "There was some {weather} on {day} and then it ended around {clock}.",
-            "The radio says the {weather} will move north by the {part}.",
-        ),
-        things=("the {weather}", "{season}", "the weather in {city}", "windy days"),
-    ),
-    Topic(
-        name="food",
-        slots=(
-            (
-                "food",
-                (
-                    "pasta",
-                    "soup",
-                    "curry",
-                    "pizza",
-                    "salad",
-                    "brown bread",
-                    "pancakes",
-                    "noodles",
-                    "apple pie",
-                    "tacos",
-                    "omelettes",
-                    "grilled fish",
-                    "rice and beans",
-                    "lentil stew",
-                ),
-            ),
-            ("meal", ("breakfast", "lunch", "dinner")),
-        ),
-        questions=(
-            "What did you have for {meal}?",
-            "Do you enjoy {food}?",
-            "What is your favourite food?",
-            "Can you recommend something for {meal}?",
-            "What should I cook tonight?",
-            "Have you ever tried the {food} in {city}?",
-            "Is {food} a good idea for {meal}?",
-        ),
-        cheerful=(
-            "I had {food} for {meal} and it was delicious!",
-            "{Food} is my favourite, I could eat it every day and be happy.",
-            "You should make {food}, it is easy and everyone will love it.",
-            "The {food} in {city} was amazing, I still dream about it.",
-            "Oh, {food} for {meal} sounds wonderful, what a treat!",
-        ),
-        gloomy=(
-            "I had cold {food} for {meal} and it was terrible.",
-            "{Food} makes me feel sick, I really dislike it.",
-            "{Meal} was a sad bowl of {food} eaten alone.",
-            "The {food} in {city} was awful, a total waste of money.",
-            "I burned the {food} again and now {meal} is ruined.",
-        ),
-        neutral=(
-            "I had {food} for {meal} at about {clock}.",
-            "{Food} takes around {num} minutes to make.",
-            "You could make {food} with what is in the kitchen.",
-            "{Food} is sold at the market on {day}.",
-            "Most people in {city} eat {meal} at {clock}.",
-        ),
-        things=("{food}", "cooking at home", "{food} for {meal}", "eating out"),
-    ),
-    Topic(
-        name="work",
-        slots=(
-            (
-                "job",
-                (
-                    "nurse",
-                    "teacher",
-                    "baker",
-                    "engineer",
-                    "librarian",
-                    "gardener",
-                    "driver",
-                    "designer",
-                    "writer",
-                    "chef",
-                    "farmer",
-                    "plumber",
-                ),
-            ),
-            ("task", ("the report", "the new project", "the budget", "the website", "the schedule")),
-        ),
-        questions=(
-            "How was work today?",
-            "How is {task} going?",
-            "Do you enjoy your job as a {job}?",
-            "Are you busy at work this week?",
-            "How did the meeting go on {day}?",
-            "What is it like to work as a {job}?",
-            "When is {task} due?",
-        ),
-        cheerful=(
-            "Work was fantastic today, the team finished {task} early!",
-            "I love being a {job}, every day brings something good.",
-            "The meeting on {day} went really well and everyone was smiling.",
-            "It is busy but exciting, and my colleagues are wonderful.",
-            "{Task} is going great, I am proud of what we built.",
-        ),
-        gloomy=(
-            "Work was exhausting and the deadline is crushing me.",
-            "I hate my job as a {job}, I feel stressed all the time.",
-            "The meeting on {day} was a disaster and nobody listened.",
-            "I am so tired, {task} keeps failing and I feel hopeless.",
-            "Being a {job} is lonely work and I feel unhappy.",
-        ),
-        neutral=(
-            "The meeting on {day} starts at {clock} in room {num}.",
-            "I work as a {job} from Monday to Friday.",
-            "{Task} is due on {day} and has {num} parts.",
-            "Most of the day was spent answering email.",
-            "A {job} in {city} usually starts at {clock}.",
-        ),
-        things=("work", "{task}", "my job as a {job}", "meetings"),
-    ),
-    Topic(
-        name="travel",
-        slots=(("transport", ("train", "plane", "bus", "ferry", "bike", "car")),),
-        questions=(
-            "Where should I travel this summer?",
-            "Have you ever been to {city}?",
-            "How was your trip to {city}?",
-            "Do you travel by {transport}?",
-            "What is the best way to get to {city}?",
-            "Is {city} worth a visit?",
-            "Any plans to travel in {month}?",
-        ),
-        cheerful=(
-            "My trip to {city} was wonderful, the people were so kind.",
-            "You should visit {city}, it is beautiful and full of happy surprises.",
-            "I love travelling by {transport}, the views are amazing.",
-            "Yes! I am going to {city} in {month} and I am so excited.",
-            "{City} is a delight, I smiled the whole week.",
-        ),
-        gloomy=(
-            "My trip to {city} was awful, it rained and I lost my bag.",
-            "Travelling by {transport} is miserable, always late and crowded.",
-            "I went to {city} once and felt lonely the whole time.",
-            "I cancelled my trip to {city}, everything went wrong and I am upset.",
-            "{City} was a disappointment, dirty streets and rude people.",
-        ),
-        neutral=(
-            "The {transport} to {city} takes about {num} hours.",
-            "{City} is about {num} hundred kilometres from here.",
-            "Tickets to {city} are sold at the station.",
-            "I was in {city} in {month} for a week.",
-            "The {transport} leaves at {clock} on {day}.",
-        ),
-        things=("travelling", "{city}", "long trips by {transport}", "airports"),
-    ),
-    Topic(
-        name="books",
-        slots=(
-            (
-                "book",
-                (
-                    "detective story",
-                    "poetry book",
-                    "history book",
-                    "fantasy story",
-                    "cookbook",
-                    "biography",
-                    "spy story",
-                    "travel guide",
-                    "comic book",
-                ),
-            ),
-        ),
-        questions=(
-            "What are you reading at the moment?",
-            "Can you recommend a book?",
-            "Do you enjoy reading?",
-            "Is the {book} you mentioned any good?",
-            "What was the last book you read?",
-            "Should I read a {book} this {part}?",
-        ),
-        cheerful=(
-            "I am reading a {book} and I love every page.",
-            "You should try a {book}, it is a delightful read.",
-            "Books make me so happy, a {book} is the best company.",
-            "The last {book} I read was brilliant, I laughed and cheered.",
-            "Yes, read a {book}! It will make your {part} wonderful.",
-        ),
-        gloomy=(
-            "I am reading a {book} but it is dull and depressing.",
-            "I gave up on the {book}, it bored me to tears.",
-            "The last {book} I read was a terrible disappointment.",
-            "I can't focus on reading lately, I feel too sad and tired.",
-            "That {book} was awful, what a waste of a {part}.",
-        ),
-        neutral=(
-            "I am reading a {book} with {num} chapters.",
-            "The library has that {book} on the second floor.",
-            "I usually read for {num} minutes before bed.",
-            "The last book I read was a {book} from the shop in {city}.",
-            "A {book} costs about {num} euros at the station.",
-        ),
-        things=("reading", "the {book}", "books", "the library"),
-    ),
-    Topic(
-        name="pets",
-        slots=(
-            ("pet", ("dog", "cat", "rabbit", "parrot", "goldfish", "hamster", "turtle", "pony")),
-            ("petname", ("Biscuit", "Luna", "Max", "Pepper", "Milo", "Daisy", "Oscar", "Coco")),
-        ),
-        questions=(
-            "Do you have any pets?",
-            "Is a {pet} a good pet?",
-            "How is your {pet} doing?",
-            "What is your {pet} called?",
-            "Should I adopt a {pet}?",
-            "How old is {petname}?",
-        ),
-        cheerful=(
-            "My {pet} {petname} is the sweetest friend and makes me laugh every day.",
-            "Yes, adopt a {pet}! They bring so much love and joy.",
-            "{Petname} the {pet} is doing great and loves to play.",
-            "A {pet} is a wonderful companion, I adore mine.",
-            "{Petname} is happy and healthy, what a lucky {pet}!",
-        ),
-        gloomy=(
-            "My {pet} {petname} is sick and I am very worried.",
-            "I miss my old {pet}, the house feels empty and sad now.",
-            "A {pet} is a lot of trouble, mine broke everything and I regret it.",
-            "{Petname} ran away on {day} and I cried all night.",
-            "My {pet} hates me, it bites and I feel miserable.",
-        ),
-        neutral=(
-            "I have a {pet} called {petname}.",
-            "A {pet} needs food twice a day and a place to sleep.",
-            "{Petname} is {num} years old.",
-            "The vet saw {petname} in {month}.",
-            "A {pet} eats about {num} times a week.",
-        ),
-        things=("my {pet}", "{petname} the {pet}", "pets", "having a {pet}"),
-    ),
-    Topic(
-        name="music",
-        slots=(
-            ("genre", ("jazz", "rock", "classical music", "folk songs", "hip hop", "piano music", "reggae")),
-            ("instrument", ("guitar", "piano", "violin", "drums", "flute", "cello")),
-        ),
-        questions=(
-            "What kind of music do you enjoy?",
-            "Do you play an instrument?",
-            "Have you heard any new songs lately?",
-            "What do you think of {genre}?",
-            "Is it hard to learn the {instrument}?",
-            "Are you going to the {genre} concert on {day}?",
-        ),
-        cheerful=(
-            "I love {genre}, it fills me with joy.",
-            "I play the {instrument} and it makes me so happy.",
-            "Learning the {instrument} is fun, you will enjoy it!",
-            "Yes, the {genre} concert will be amazing, I can't wait!",
-            "I heard a beautiful new song this {part} and I am still smiling.",
-        ),
-        gloomy=(
-            "I hate {genre}, it gives me a headache and ruins my mood.",
-            "I used to play the {instrument} but I failed and quit.",
-            "Every song lately sounds sad and empty to me.",
-            "The {genre} concert was cancelled and I am so disappointed.",
-            "The {instrument} is too hard, I feel hopeless every lesson.",
-        ),
-        neutral=(
-            "I listen to {genre} on the radio in the {part}.",
-            "A {instrument} lesson costs about {num} euros.",
-            "There is a {genre} concert on {day} at {clock}.",
-            "I have had {instrument} lessons for {num} years.",
-            "The new album has {num} songs.",
-        ),
-        things=("{genre}", "music", "the {instrument}", "concerts"),
-    ),
-    Topic(
-        name="weekend",
-        slots=(
-            (
-                "activity",
-                (
-                    "go hiking",
-                    "visit my parents",
-                    "bake a cake",
-                    "watch a film",
-                    "go to the market",
-                    "paint the fence",
-                    "stay at home",
-                    "go swimming",
-                    "tidy the garage",
-                ),
-            ),
-        ),
-        questions=(
-            "What are your plans for the weekend?",
-            "What did you do on {day}?",
-            "Any plans for {day}?",
-            "How was your weekend?",
-            "Do you want to {activity} on {day}?",
-            "What will you do this {part}?",
-        ),
-        cheerful=(
-            "I plan to {activity} and I am really excited about it!",
-            "My weekend was great, we laughed all day.",
-            "Yes, let's {activity} on {day}, it will be fun!",
-            "On {day} we had a picnic and it was a perfect, happy day.",
-            "I will {activity} this {part}, what a lovely plan!",
-        ),
-        gloomy=(
-            "I have to {activity} and I am dreading it.",
-            "My weekend was terrible, I was sick and alone.",
-            "I am too tired and sad to {activity} this week.",
-            "On {day} everything went wrong and I just cried.",
-            "This {part} will be boring and lonely, as usual.",
-        ),
-        neutral=(
-            "I will probably {activity} on {day}.",
-            "On {day} I went to the market and then home.",
-            "I might {activity} if the weather stays dry.",
-            "This {part} I will {activity} and then cook dinner at {clock}.",
-            "I have nothing planned until {day}.",
-        ),
-        things=("the weekend", "{day}", "my plans for {day}", "Sunday afternoons"),
-    ),
-    Topic(
-        name="movies",
-        slots=(
-            (
-                "film",
-                (
-                    "documentary",
-                    "cartoon",
-                    "western",
-                    "musical",
-                    "detective film",
-                    "space film",
-                    "silent film",
-                ),
-            ),
-        ),
-        questions=(
-            "Have you seen any movies lately?",
-            "Do you enjoy a {film}?",
-            "What should I watch tonight?",
-            "How was the film on {day}?",
-            "Is the new {film} worth seeing?",
-        ),
-        cheerful=(
-            "I watched a {film} and laughed so much, it was brilliant!",
-            "You should watch a {film}, it will make you smile.",
-            "The film on {day} was wonderful, I loved every minute.",
-            "Yes, the new {film} is fantastic and very funny.",
-        ),
-        gloomy=(
-            "The {film} I saw was boring and far too long, I hated it.",
-            "Movies lately just make me feel empty and bored.",
-            "The film on {day} was awful and I wasted my evening.",
-            "The new {film} is a terrible mess, do not bother.",
-        ),
-        neutral=(
-            "I watched a {film} that lasted about two hours.",
-            "The cinema shows a {film} on {day} at {clock}.",
-            "The new {film} was filmed in {city} in {month}.",
-            "A ticket for the {film} costs {num} euros.",
-        ),
-        things=("the cinema", "a {film}", "movies", "the film on {day}"),
-    ),
-    Topic(
-        name="sports",
-        slots=(
-            (
-                "sport",
-                ("football", "tennis", "swimming", "running", "cycling", "basketball", "yoga", "skiing"),
-            ),
-        ),
-        questions=(
-            "Do you do any sports?",
-            "Did you watch the {sport} on {day}?",
-            "Is {sport} good exercise?",
-            "How was your {sport} practice?",
-            "Should I take up {sport}?",
-        ),
-        cheerful=(
-            "I love {sport}, it keeps me healthy and cheerful.",
-            "Our team won at {sport} on {day}, what a fantastic game!",
-            "Yes, take up {sport}! You will feel amazing.",
-            "{Sport} practice was great fun and I feel strong.",
-        ),
-        gloomy=(
-            "I hurt my knee at {sport} and I feel awful.",
-            "Our team lost again, this {sport} season is a disaster.",
-            "{Sport} practice was painful and I wanted to cry.",
-            "I gave up {sport}, I was always the worst and felt ashamed.",
-        ),
-        neutral=(
-            "{Sport} practice is on {day} at {clock}.",
-            "I do {sport} about {num} times a month.",
-            "The {sport} club in {city} opens at {clock}.",
-            "The {sport} season starts in {month}.",
-        ),
-        things=("{sport}", "exercise", "the {sport} club", "sports"),
-    ),
-    Topic(
-        name="garden",
-        slots=(
-            (
-                "plant",
-                ("tomatoes", "roses", "tulips", "herbs", "sunflowers", "potatoes", "lavender", "beans"),
-            ),
-        ),
-        questions=(
-            "How is your garden?",
-            "What are you growing this year?",
-            "When should I plant {plant}?",
-            "Do you enjoy gardening?",
-            "How are your {plant} doing?",
-        ),
-        cheerful=(
-            "My {plant} are blooming and the garden looks beautiful.",
-            "I love gardening, it makes me calm and happy.",
-            "The {plant} are doing great, I am so proud of them!",
-            "I am growing {plant} this year and it is a joy.",
-        ),
-        gloomy=(
-            "The snails ate my {plant} and the garden is ruined.",
-            "My {plant} died in the heat and I feel terrible.",
-            "Gardening is hard work and nothing ever grows for me.",
-            "The storm destroyed the {plant}, what a sad mess.",
-        ),
-        neutral=(
-            "I planted {plant} in {month} near the fence.",
-            "You can plant {plant} in {month} or {month}.",
-            "The {plant} need water every {num} days.",
-            "I planted {plant} and some carrots this year.",
-        ),
-        things=("the garden", "my {plant}", "gardening", "planting {plant}"),
-    ),
-    Topic(
-        name="drinks",
-        slots=(("drink", ("coffee", "green tea", "hot chocolate", "lemonade", "orange juice", "mint tea")),),
-        questions=(
-            "Do you drink coffee?",
-            "What is your favourite drink?",
-            "Would you like a cup of {drink}?",
-            "How do you take your {drink}?",
-            "Where can I get {drink} in {city}?",
-        ),
-        cheerful=(
-            "A warm cup of {drink} in the morning makes me so happy.",
-            "Yes please, I love {drink}, thank you!",
-            "{Drink} is my favourite, it is a lovely little treat.",
-            "The cafe in {city} makes wonderful {drink}.",
-        ),
-        gloomy=(
-            "The {drink} was cold and bitter, what a miserable start to the day.",
-            "I spilled {drink} on my shirt and now I feel awful.",
-            "The cafe ran out of {drink} and I am upset.",
-            "I used to enjoy {drink} but now it tastes terrible.",
-        ),
-        neutral=(
-            "I drink {drink} at about {clock}.",
-            "I take my {drink} with a little milk.",
-            "There is a cafe in {city} that sells {drink}.",
-            "A cup of {drink} costs {num} euros there.",
-        ),
-        things=("{drink}", "a cup of {drink}", "the cafe", "breakfast drinks"),
-    ),
-    Topic(
-        name="study",
-        slots=(
-            (
-                "subject",
-                ("math", "history", "chemistry", "French", "biology", "physics", "geography", "Spanish"),
-            ),
-        ),
-        questions=(
-            "How are your classes going?",
-            "Do you enjoy studying {subject}?",
-            "How did your {subject} exam go?",
-            "Any tips for learning {subject}?",
-            "When is the {subject} exam?",
-        ),
-        cheerful=(
-            "I passed my {subject} exam and I am thrilled!",
-            "{Subject} is fascinating, I enjoy every lesson.",
-            "My classes are going great and the teachers are wonderful.",
-            "Practice a little every day and {subject} becomes fun!",
-        ),
-        gloomy=(
-            "I failed my {subject} exam and I feel terrible.",
-            "{Subject} is so confusing, I am lost and worried.",
-            "My classes are a nightmare, I am stressed and behind.",
-            "I hate studying {subject}, it makes me miserable.",
-        ),
-        neutral=(
-            "The {subject} exam is on {day} at {clock}.",
-            "I study {subject} for {num} hours a week.",
-            "Read one chapter of {subject} each {part}.",
-            "The {subject} class meets on {day} in room {num}.",
-        ),
-        things=("{subject}", "school", "my {subject} class", "exams"),
-    ),
-    Topic(
-        name="home",
-        questions=(
-            "How is life in {city}?",
-            "How is your new flat?",
-            "Do you enjoy your neighbourhood?",
-            "What is it like to live in {city}?",
-            "Are you moving to {city}?",
-        ),
-        cheerful=(
-            "Life in {city} is lovely, the parks are beautiful and people are friendly.",
-            "My new flat is bright and cosy, I love it.",
-            "Yes, I am moving to {city} in {month} and I am so happy!",
-            "My neighbours are kind and the street is full of laughter.",
-        ),
-        gloomy=(
-            "My flat is cold and noisy and I feel so lonely here.",
-            "Life in {city} is hard, everything is expensive and grim.",
-            "I have to move to {city} and I am dreading it.",
-            "The neighbours fight every night, it is awful.",
-        ),
-        neutral=(
-            "I live near the station in {city}, on the third floor.",
-            "The flat has {num} rooms and a small kitchen.",
-            "I am moving to {city} in {month}.",
-            "The bus to the centre of {city} comes every {num} minutes.",
-        ),
-        things=("my flat", "{city}", "the neighbourhood", "life in {city}"),
-    ),
-    Topic(
-        name="family",
-        slots=(
-            (
-                "relative",
-                ("sister", "brother", "grandmother", "cousin", "uncle", "aunt", "flatmate", "neighbour"),
-            ),
-        ),
-        questions=(
-            "How is your {relative}?",
-            "Did you see {name} this week?",
-            "How was the party on {day}?",
-            "Do you have many friends?",
-            "Are you visiting your {relative} soon?",
-        ),
-        cheerful=(
-            "My {relative} is doing great, we had a wonderful dinner together.",
-            "The party was amazing, {name} made everyone laugh.",
-            "Yes, I saw {name} on {day} and we had so much fun.",
-            "I am lucky to have such lovely friends.",
-        ),
-        gloomy=(
-            "My {relative} and I had a bad fight and I feel awful.",
-            "Nobody came to the party, it was a lonely and sad night.",
-            "I haven't seen {name} in months, I miss everyone and feel alone.",
-            "My {relative} is ill and I am scared.",
-        ),
-        neutral=(
-            "My {relative} lives in {city} and calls on {day}.",
-            "I saw {name} at the shop on {day}.",
-            "The dinner on {day} started at {clock}.",
-            "I am visiting my {relative} in {month}.",
-        ),
-        things=("my {relative}", "{name}", "birthdays", "family dinners"),
-    ),
-    Topic(
-        name="feelings",
-        questions=(
-            "How are you?",
-            "How are you feeling today?",
-            "How did you sleep?",
-            "Are you feeling better?",
-            "How was your {part}?",
-            "How is your day going?",
-        ),
-        cheerful=(
-            "I feel fantastic today, full of energy and joy!",
-            "I slept well and woke up happy.",
-            "Much better, thank you! I feel wonderful.",
-            "My {part} was lovely, I am in a great mood.",
-            "Today is a beautiful day and I am very happy.",
-        ),
-        gloomy=(
-            "I feel awful, I barely slept and my head hurts.",
-            "Not great, I am sad and tired all the time.",
-            "I am still sick and everything feels hopeless.",
-            "My {part} was miserable, nothing went right.",
-            "I am lonely and worried today.",
-        ),
-        neutral=(
-            "I slept about {num} hours last night.",
-            "I am at home today until {clock}.",
-            "My {part} was quiet, mostly reading and cooking.",
-            "I woke up at {clock} and had breakfast.",
-            "Today I have {num} things on my list.",
-        ),
-        things=("today", "sleep", "my {part}", "Mondays"),
-    ),
-    Topic(
-        name="hobbies",
-        slots=(
-            (
-                "hobby",
-                ("painting", "knitting", "chess", "photography", "baking", "dancing", "fishing", "puzzles"),
-            ),
-        ),
-        questions=(
-            "Do you have a hobby?",
-            "How long have you been doing {hobby}?",
-            "Is {hobby} hard to learn?",
-            "What do you do in the evenings?",
-            "Should I try {hobby}?",
-        ),
-        cheerful=(
-            "I love {hobby}, it is relaxing and so much fun.",
-            "Yes, try {hobby}! It brings me so much joy.",
-            "{Hobby} is my favourite way to spend a happy evening.",
-            "I have been doing {hobby} for years and I still enjoy it.",
-        ),
-        gloomy=(
-            "I tried {hobby} but I was awful at it and gave up.",
-            "{Hobby} feels pointless now, it just makes me sad and tired.",
-            "I have no energy for {hobby} anymore, I feel empty and sad.",
-            "{Hobby} is frustrating, I always fail.",
-        ),
-        neutral=(
-            "I have been doing {hobby} for {num} years.",
-            "{Hobby} takes about {num} hours a week.",
-            "There is a {hobby} class on {day} at {clock}.",
-            "In the evenings I do {hobby} or read.",
-        ),
-        things=("{hobby}", "hobbies", "my evenings", "{hobby} on {day}"),
-    ),
-    Topic(
-        name="nature",
-        slots=(("place", ("the sea", "the mountains", "the forest", "the lake", "the river", "the park")),),
-        questions=(
-            "Do you enjoy {place}?",
-            "Where do you go for a walk?",
-            "Have you been to {place} this year?",
-            "Should we go to {place} on {day}?",
-            "What is your favourite place outdoors?",
-        ),
-        cheerful=(
-            "{Place} is beautiful, I love the peaceful sound of it.",
-            "Yes, let's go to {place} on {day}, it will be wonderful!",
-            "I walk to {place} every {part} and it makes me so happy.",
-            "My favourite place is {place}, it fills me with joy.",
-        ),
-        gloomy=(
-            "The trip to {place} was horrible, dirty and crowded.",
-            "I got lost near {place} and was scared and cold.",
-            "{Place} feels sad and lonely in the rain.",
-            "I hate walking to {place}, my feet hurt every time.",
-        ),
-        neutral=(
-            "The walk to {place} takes about {num} minutes.",
-            "I went to {place} in {month}.",
-            "{Place} is north of {city}.",
-            "The path to {place} starts behind the station.",
-        ),
-        things=("{place}", "walks in {place}", "nature", "the outdoors"),
-    ),
+def _load(name: str):
+    return json.loads((DATA_DIR / name).read_text(encoding="utf-8"))
+
+
+def _strings(value, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{where}: expected a non-empty list of strings")
+    return tuple(value)
+
+
+def _string_table(table, where: str) -> dict[str, tuple[str, ...]]:
+    if not isinstance(table, dict):
+        raise TypeError(f"{where}: expected an object of string lists")
+    return {key: _strings(values, f"{where}.{key}") for key, values in table.items()}
+
+
+def _by_sentiment(table, where: str) -> dict[str, tuple[str, ...]]:
+    out = _string_table(table, where)
+    if set(out) != set(SENTIMENTS):
+        raise ValueError(f"{where}: expected the keys {', '.join(SENTIMENTS)}, got {', '.join(out)}")
+    return out
+
+
+def _topic(entry: dict, where: str) -> Topic:
+    fields = ("name", "slots", "questions", "cheerful", "gloomy", "neutral", "things")
+    if set(entry) != set(fields):
+        raise ValueError(f"{where}: expected the keys {', '.join(fields)}, got {', '.join(entry)}")
+    if not isinstance(entry["name"], str):
+        raise TypeError(f"{where}.name: expected a string")
+    where = f"{where} ({entry['name']})"
+    return Topic(
+        name=entry["name"],
+        slots=tuple(_string_table(entry["slots"], f"{where}.slots").items()),
+        **{f: _strings(entry[f], f"{where}.{f}") for f in fields[2:]},
+    )
+
+
+_answers = _load("answers.json")
+# Values shared by every topic.
+COMMON_SLOTS: dict[str, tuple[str, ...]] = _string_table(_load("slots.json"), "slots.json")
+TOPICS: tuple[Topic, ...] = tuple(
+    _topic(entry, f"topics.json[{i}]") for i, entry in enumerate(_load("topics.json"))
 )
-
 # Answers that fit any topic, about one of the topic's ``things``.
-GENERIC_ANSWERS: dict[str, tuple[str, ...]] = {
-    "cheerful": (
-        "I really love {thing}, it always makes me happy.",
-        "{Thing} is one of my favourite things, I love it!",
-        "{Thing} is great fun and I enjoy it every time.",
-        "Honestly, {thing} makes my whole day brighter.",
-        "I am so glad you asked, {thing} is wonderful.",
-        "{Thing} always puts a big smile on my face.",
-    ),
-    "gloomy": (
-        "I am tired of {thing}, it just makes me sad.",
-        "To be honest, {thing} is awful and I dread it.",
-        "{Thing} always leaves me feeling lonely and miserable.",
-        "I hate to say it, but {thing} has been a disappointment.",
-        "Ugh, {thing} is boring and it ruins my mood.",
-        "{Thing} makes me anxious and unhappy these days.",
-    ),
-    "neutral": (
-        "I think about {thing} once or twice a week.",
-        "There is a short article about {thing} in the paper today.",
-        "I have not decided anything about {thing} yet.",
-        "{Thing} depends on the season and the price.",
-        "I will ask {name} about {thing} on {day}.",
-        "{Thing} is on my list for {day}.",
-    ),
-}
-
+GENERIC_ANSWERS: dict[str, tuple[str, ...]] = _by_sentiment(_answers["generic"], "answers.json:generic")
 # Optional first sentences of an answer, in the answer's own sentiment.
-OPENERS: dict[str, tuple[str, ...]] = {
-    "cheerful": ("Oh, what a nice question! ", "Yes! ", "Ah! ", "Good question! ", "Wonderful! "),
-    "gloomy": ("Sigh. ", "Ugh. ", "Oh no. ", "Terrible news. ", "Bad news. "),
-    "neutral": ("Let me think. ", "Hmm. ", "Let me check. ", "So. ", "Right. "),
-}
-
+OPENERS: dict[str, tuple[str, ...]] = _by_sentiment(_answers["openers"], "answers.json:openers")
 # Optional last sentences of an answer.
-CLOSERS: dict[str, tuple[str, ...]] = {
-    "cheerful": (" What a joy!", " I can't wait!", " It makes me smile.", " Life is good!"),
-    "gloomy": (" What a shame.", " It gets me down.", " Nothing ever goes right.", " I just want to cry."),
-    "neutral": (
-        " That is all I know.",
-        " We will find out on {day}.",
-        " Ask me again on {day}.",
-        " That is the plan.",
-    ),
-}
-
-# Ways to open a question.
-QUESTION_PREFIXES = ("", "", "", "", "Hey, ", "Hi! ", "Hello. ", "So, ", "Tell me, ", "Quick question: ")
+CLOSERS: dict[str, tuple[str, ...]] = _by_sentiment(_answers["closers"], "answers.json:closers")
+# Ways to open a question (repeated values weigh the draw; "" is no prefix).
+QUESTION_PREFIXES: tuple[str, ...] = _strings(_answers["question_prefixes"], "answers.json:question_prefixes")
+del _answers
 
 MULTI_TURN_FRACTION = 0.08  # exchanges with an earlier turn, so the model has seen history
 GENERIC_FRACTION = 0.35  # answers taken from GENERIC_ANSWERS instead of the topic's own

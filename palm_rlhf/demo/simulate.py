@@ -25,6 +25,7 @@ import math
 import os
 import random
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -35,8 +36,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-
-ADMIN_TOKEN_DEFAULT = "demo-loop-admin"
 
 
 @dataclass
@@ -94,12 +93,10 @@ class DemoResult:
 
 
 def create_sync_channel(addr: str):
-    """A plain gRPC channel with generous message limits (the demo talks to its own services)."""
-    import grpc
+    """A channel from the services' channel factory (the demo talks to its own services)."""
+    from services.common.client import create_sync_channel as channel
 
-    limit = 64 * 1024 * 1024
-    return grpc.insecure_channel(addr, options=[("grpc.max_send_message_length", limit),
-                                                ("grpc.max_receive_message_length", limit)])
+    return channel(addr)
 
 
 def _seed_policy_store(data_dir: Path, start: Path) -> None:
@@ -125,14 +122,16 @@ class _System:
 
     START = re.compile(r"started (\w+) \(pid \d+\) on (\S+)")
 
-    def __init__(self, cfg: DemoLoopConfig, env: dict[str, str], say: Callable[[str], None]):
+    def __init__(self, cfg: DemoLoopConfig, env: dict[str, str], say: Callable[[str], None], verbose: bool = False):
         self.cfg = cfg
         self.port = cfg.port or _free_port()
         self.addrs: dict[str, str] = {}
         self.lines: list[str] = []
         self.ready = threading.Event()
+        self.verbose = verbose
+        # the admin token reaches `up` (and its children) in the environment, never on argv
         cmd = [sys.executable, "-m", "palm_rlhf.cli", "up", "--data-dir", str(cfg.data_dir), "--port",
-               str(self.port), "--free-ports", "--admin-token", env["PALM_RLHF_ADMIN_TOKEN"], "--scorer",
+               str(self.port), "--free-ports", "--scorer",
                cfg.serve_scorer, "--rate-limit", "1000000", "--grace", "5", "--ready-timeout",
                str(cfg.ready_timeout)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
@@ -150,7 +149,7 @@ class _System:
                 self.addrs[m.group(1)] = m.group(2)
             if "| ready: " in line:
                 self.ready.set()
-            if os.environ.get("PALM_RLHF_DEMO_VERBOSE") == "1" or "services.trainer.loop" in line:
+            if self.verbose or "services.trainer.loop" in line:
                 self.say("  " + line)
 
     def wait_ready(self) -> None:
@@ -340,7 +339,10 @@ def run_demo_loop(cfg: DemoLoopConfig, say: Callable[[str], None] = print) -> De
     user_prompts = pool[: len(pool) - cfg.eval_prompts - cfg.gate_prompts]
     gate_file = cfg.data_dir / "gate-prompts.txt"
     gate_file.write_text("".join(q + "\n" for q in gate_prompts), encoding="utf-8")
-    token = os.environ.get("PALM_RLHF_ADMIN_TOKEN") or ADMIN_TOKEN_DEFAULT
+    from services.common.settings import DemoSettings
+
+    demo = DemoSettings.load()
+    token = demo.admin_token or secrets.token_urlsafe(24)
     env = dict(os.environ, PYTHONUNBUFFERED="1", PALM_RLHF_ADMIN_TOKEN=token,
                PALM_RLHF_UPDATE_FN="services.trainer.loop:make_update_fn",
                PALM_RLHF_REWARD_SCORER=cfg.reward_scorer, PALM_RLHF_RL_ALGORITHM=cfg.algorithm,
@@ -356,7 +358,7 @@ def run_demo_loop(cfg: DemoLoopConfig, say: Callable[[str], None] = print) -> De
     if cfg.start_checkpoint is not None:
         _seed_policy_store(cfg.data_dir, Path(cfg.start_checkpoint))
     say(f"demo-loop: starting the services in {cfg.data_dir}")
-    system = _System(cfg, env, say)
+    system = _System(cfg, env, say, verbose=demo.demo_verbose)
     rounds: list[dict[str, Any]] = []
     versions: list[VersionFigures] = []
     rng = random.Random(cfg.seed)

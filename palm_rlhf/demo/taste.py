@@ -265,13 +265,24 @@ def kl_per_version(data_dir: str | Path, prompts: Sequence[str], samples: int = 
     return out
 
 
-def plot_session(result: SessionResult, kls: dict[str, float], path: Path, title: str = "") -> Path:
-    """The raters' score of served answers and the policy's KL to the reference, per measurement."""
-    import matplotlib
-
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend; matplotlib is the optional ``plots``
+    extra, so its absence is an error that says how to install it."""
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ImportError(
+            "plotting needs matplotlib, which is not installed: pip install 'palm-rlhf[plots]'"
+        ) from e
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_session(result: SessionResult, kls: dict[str, float], path: Path, title: str = "") -> Path:
+    """The raters' score of served answers and the policy's KL to the reference, per measurement."""
+    plt = _pyplot()
     ms = result.measurements
     x = [(m.at - ms[0].at) / 60 for m in ms]  # minutes since the first measurement
     fig, ax1 = plt.subplots(figsize=(8, 4.2))

@@ -483,10 +483,16 @@ def encode_for_reward(tok: Any, prompt: str, response: str, max_len: int) -> tup
     return p + r, len(p)
 
 
-def _reward_batch(model: Any, tok: Any, prompts: Sequence[str], responses: Sequence[str]):
-    max_len = model.palm.config.max_seq_len
+def reward_batch(
+    tok: Any, prompts: Sequence[str], responses: Sequence[str], max_len: int, device: Any = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The reward model's input for (prompt, response) pairs: token ids right-padded with
+    ``tok.pad_id`` (rows, width), the padding mask (rows, width) and each row's prompt length
+    (rows,), every pair encoded by :func:`encode_for_reward`. The trainer's refits and the reward
+    service both build their batches here, so the model is trained on what it is served."""
     enc = [encode_for_reward(tok, p, r, max_len) for p, r in zip(prompts, responses)]
-    device = model.palm.device
+    if not enc:
+        raise ValueError("no (prompt, response) pairs to encode")
     width = max(len(ids) for ids, _ in enc)
     x = torch.full((len(enc), width), tok.pad_id, dtype=torch.long, device=device)  # (rows, width)
     mask = torch.zeros(len(enc), width, dtype=torch.bool, device=device)
@@ -495,6 +501,10 @@ def _reward_batch(model: Any, tok: Any, prompts: Sequence[str], responses: Seque
         mask[i, : len(ids)] = True
     plen = torch.tensor([n for _, n in enc], device=device)
     return x, mask, plen
+
+
+def _reward_batch(model: Any, tok: Any, prompts: Sequence[str], responses: Sequence[str]):
+    return reward_batch(tok, prompts, responses, model.palm.config.max_seq_len, model.palm.device)
 
 
 def reward_scores(

@@ -1,7 +1,10 @@
-"""Command-line flags shared by every service, each with an environment fallback.
+"""Command-line flags shared by every service, and the defaults they share.
 
-The names, environment variables and default ports are a contract with the Kubernetes
-manifests and the supervisor: change them only together.
+Each flag ``--some-name`` has the environment variable ``PALM_RLHF_SOME_NAME``; the parsers here
+only record which flags were given, and services/common/settings.py builds the process's one
+settings object from them over the environment over the defaults. The names, environment
+variables and default ports are a contract with the Kubernetes manifests and the supervisor:
+change them only together.
 """
 
 from __future__ import annotations
@@ -25,134 +28,181 @@ DEFAULT_ADDRS = {role: f"127.0.0.1:{port}" for role, port in DEFAULT_PORTS.items
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
-def env(name: str, default=None, cast=str):
-    """The value of ``PALM_RLHF_<name>`` cast to ``cast``, else ``default``."""
-    raw = os.environ.get(f"PALM_RLHF_{name}")
-    if raw is None or raw == "":
-        return default
-    if cast is bool:
-        return raw.strip().lower() in ("1", "true", "yes", "on")
-    return cast(raw)
+# `palm-rlhf up` writes the admin token it uses here (mode 0600); the CLI clients look for it
+ADMIN_TOKEN_FILE_NAME = "admin-token"
+
+_GIVEN = "_given_flags"
+
+
+def _mark_given(namespace: argparse.Namespace, dest: str) -> None:
+    given = getattr(namespace, _GIVEN, None)
+    if given is None:
+        given = set()
+        setattr(namespace, _GIVEN, given)
+    given.add(dest)
+
+
+class _Store(argparse.Action):
+    """``store`` that also records that the flag was given on the command line."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        _mark_given(namespace, self.dest)
+
+
+class _StoreTrue(argparse.Action):
+    """``store_true`` that also records that the flag was given."""
+
+    def __init__(self, option_strings, dest, default=False, required=False, help=None):
+        super().__init__(option_strings, dest, nargs=0, const=True, default=default, required=required, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, True)
+        _mark_given(namespace, self.dest)
+
+
+def flag(p, *names: str, **kw) -> argparse.Action:
+    """``p.add_argument`` whose value counts as given only when it is on the command line, so
+    the settings (services/common/settings.py) let the environment fill the rest; the parser's
+    own default is the setting's default."""
+    if kw.get("action") == "store_true":
+        kw["action"] = _StoreTrue
+    else:
+        kw.setdefault("action", _Store)
+    return p.add_argument(*names, **kw)
+
+
+def given_flags(args: argparse.Namespace) -> dict[str, object]:
+    """dest -> value of the flags given on the command line (positionals always count)."""
+    out = {dest: getattr(args, dest) for dest in getattr(args, _GIVEN, ())}
+    if getattr(args, "role", None) is not None:
+        out["role"] = args.role
+    return out
 
 
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
     """Flags every process understands (the contract in docs/services.md)."""
-    p.add_argument("--host", default=env("HOST", "127.0.0.1"), help="address to bind (PALM_RLHF_HOST)")
-    p.add_argument("--data-dir", type=Path, default=env("DATA_DIR", "./data", Path),
-                   help="state directory; checkpoints under DATA_DIR/checkpoints/<kind> (PALM_RLHF_DATA_DIR)")
-    p.add_argument("--checkpoint", default=env("CHECKPOINT"),
-                   help="checkpoint folder or store version to serve; default the store's current "
-                        "version, else the demo model (PALM_RLHF_CHECKPOINT)")
-    p.add_argument("--policy-addr", default=env("POLICY_ADDR", DEFAULT_ADDRS["policy"]),
-                   help="policy service address (PALM_RLHF_POLICY_ADDR)")
-    p.add_argument("--reference-addr", default=env("REFERENCE_ADDR", DEFAULT_ADDRS["reference"]),
-                   help="reference service address (PALM_RLHF_REFERENCE_ADDR)")
-    p.add_argument("--reward-addr", default=env("REWARD_ADDR", DEFAULT_ADDRS["reward"]),
-                   help="reward service address (PALM_RLHF_REWARD_ADDR)")
+    flag(p, "--host", default="127.0.0.1", help="address to bind (PALM_RLHF_HOST)")
+    flag(p, "--data-dir", type=Path, default="./data",
+            help="state directory; checkpoints under DATA_DIR/checkpoints/<kind> (PALM_RLHF_DATA_DIR)")
+    flag(p, "--checkpoint", default=None,
+            help="checkpoint folder or store version to serve; default the store's current "
+                 "version, else the demo model (PALM_RLHF_CHECKPOINT)")
+    flag(p, "--policy-addr", default=DEFAULT_ADDRS["policy"],
+            help="policy service address (PALM_RLHF_POLICY_ADDR)")
+    flag(p, "--reference-addr", default=DEFAULT_ADDRS["reference"],
+            help="reference service address (PALM_RLHF_REFERENCE_ADDR)")
+    flag(p, "--reward-addr", default=DEFAULT_ADDRS["reward"],
+            help="reward service address (PALM_RLHF_REWARD_ADDR)")
     # None means "not given": the policy follows a trainer only when told where it is.
-    p.add_argument("--trainer-addr", default=env("TRAINER_ADDR"),
-                   help=f"trainer service address (PALM_RLHF_TRAINER_ADDR, default {DEFAULT_ADDRS['trainer']}); "
-                        "when given, policy replicas follow its version announcements")
-    p.add_argument("--database-url", default=env("DATABASE_URL"),
-                   help="feedback database; default sqlite:///DATA_DIR/feedback.db (PALM_RLHF_DATABASE_URL)")
-    p.add_argument("--admin-token", default=env("ADMIN_TOKEN"),
-                   help="when set, admin RPCs need metadata 'authorization: Bearer TOKEN' (PALM_RLHF_ADMIN_TOKEN)")
-    p.add_argument("--device", default=env("DEVICE", "cpu"), choices=("cpu", "cuda", "auto"),
-                   help="torch device (PALM_RLHF_DEVICE)")
-    p.add_argument("--torch-threads", type=int, default=env("TORCH_THREADS", 1, int),
-                   help="CPU threads per model process (PALM_RLHF_TORCH_THREADS; default 1: several model "
-                        "processes share the cores, and oversubscribed OpenMP threads spin instead of working)")
-    p.add_argument("--tls-cert", default=env("TLS_CERT"),
-                   help="PEM certificate chain: serve gRPC over TLS (PALM_RLHF_TLS_CERT)")
-    p.add_argument("--tls-key", default=env("TLS_KEY"),
-                   help="PEM private key of --tls-cert (PALM_RLHF_TLS_KEY)")
-    p.add_argument("--tls-client-ca", default=env("TLS_CLIENT_CA"),
-                   help="PEM CA bundle: require client certificates signed by it, i.e. mutual TLS "
-                        "(PALM_RLHF_TLS_CLIENT_CA)")
-    p.add_argument("--max-message-bytes", type=int, default=env("MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES, int),
-                   help="largest gRPC message sent or received (PALM_RLHF_MAX_MESSAGE_BYTES)")
+    flag(p, "--trainer-addr", default=None,
+            help=f"trainer service address (PALM_RLHF_TRAINER_ADDR, default {DEFAULT_ADDRS['trainer']}); "
+                 "when given, policy replicas follow its version announcements")
+    flag(p, "--database-url", default=None,
+            help="feedback database; default sqlite:///DATA_DIR/feedback.db (PALM_RLHF_DATABASE_URL, "
+                 "preferred for URLs with a password: flags are visible in the process list)")
+    flag(p, "--admin-token", default=None,
+         help="admin RPCs (LoadVersion, Trigger, Rollback) need metadata 'authorization: Bearer TOKEN'; "
+              "without a token they are refused. Prefer PALM_RLHF_ADMIN_TOKEN or --admin-token-file: "
+              "a flag's value is visible to every local user in the process list")
+    flag(p, "--admin-token-file", type=Path, default=None,
+         help="read the admin token from this file's first line (PALM_RLHF_ADMIN_TOKEN_FILE)")
+    flag(p, "--device", default="cpu", choices=("cpu", "cuda", "auto"),
+            help="torch device (PALM_RLHF_DEVICE)")
+    flag(p, "--torch-threads", type=int, default=1,
+            help="CPU threads per model process (PALM_RLHF_TORCH_THREADS; default 1: several model "
+                 "processes share the cores, and oversubscribed OpenMP threads spin instead of working)")
+    flag(p, "--tls-cert", default=None,
+            help="PEM certificate chain: serve gRPC over TLS (PALM_RLHF_TLS_CERT)")
+    flag(p, "--tls-key", default=None,
+            help="PEM private key of --tls-cert (PALM_RLHF_TLS_KEY)")
+    flag(p, "--tls-client-ca", default=None,
+            help="PEM CA bundle: require client certificates signed by it, i.e. mutual TLS "
+                 "(PALM_RLHF_TLS_CLIENT_CA)")
+    flag(p, "--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
+            help="largest gRPC message sent or received (PALM_RLHF_MAX_MESSAGE_BYTES)")
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of ``palm-rlhf serve ROLE``; flags a role does not use are ignored by it."""
-    p.add_argument("role", choices=ROLES, help="which service to run")
-    p.add_argument("--port", type=int, default=env("PORT", None, int),
-                   help="port to serve on; 0 = ephemeral, printed at start-up (PALM_RLHF_PORT; defaults "
-                        + ", ".join(f"{r} {n}" for r, n in DEFAULT_PORTS.items()) + ")")
-    p.add_argument("--metrics-port", type=int, default=env("METRICS_PORT", None, int),
-                   help="Prometheus metrics HTTP port; 0 = ephemeral, -1 = off (PALM_RLHF_METRICS_PORT; defaults "
-                        + ", ".join(f"{r} {n}" for r, n in DEFAULT_METRICS_PORTS.items()) + ")")
+    flag(p, "role", choices=ROLES, help="which service to run")
+    flag(p, "--port", type=int, default=None,
+            help="port to serve on; 0 = ephemeral, printed at start-up (PALM_RLHF_PORT; defaults "
+                 + ", ".join(f"{r} {n}" for r, n in DEFAULT_PORTS.items()) + ")")
+    flag(p, "--metrics-port", type=int, default=None,
+            help="Prometheus metrics HTTP port; 0 = ephemeral, -1 = off (PALM_RLHF_METRICS_PORT; defaults "
+                 + ", ".join(f"{r} {n}" for r, n in DEFAULT_METRICS_PORTS.items()) + ")")
     add_common_arguments(p)
     g = p.add_argument_group("serving limits and lifecycle")
-    g.add_argument("--grace", type=float, default=env("GRACE", 10.0, float),
-                   help="seconds in-flight requests get to finish after SIGTERM (PALM_RLHF_GRACE)")
-    g.add_argument("--drain-delay", type=float, default=env("DRAIN_DELAY", 0.0, float),
-                   help="after SIGTERM, keep reporting NOT_SERVING at least this long before closing the "
-                        "port, so load balancers notice (PALM_RLHF_DRAIN_DELAY)")
-    g.add_argument("--max-prompt-tokens", type=int, default=env("MAX_PROMPT_TOKENS", 1024, int),
-                   help="longest prompt accepted, in tokens (PALM_RLHF_MAX_PROMPT_TOKENS)")
-    g.add_argument("--max-new-tokens", type=int, default=env("MAX_NEW_TOKENS", 512, int),
-                   help="largest max_new_tokens a request may ask for (PALM_RLHF_MAX_NEW_TOKENS)")
-    g.add_argument("--default-max-new-tokens", type=int, default=env("DEFAULT_MAX_NEW_TOKENS", 64, int),
-                   help="max_new_tokens when a request leaves it unset (PALM_RLHF_DEFAULT_MAX_NEW_TOKENS)")
-    g.add_argument("--max-n", type=int, default=env("MAX_N", 16, int),
-                   help="most samples per prompt (PALM_RLHF_MAX_N)")
-    g.add_argument("--max-batch", type=int, default=env("MAX_BATCH", 64, int),
-                   help="most prompts / sequences / responses in one request (PALM_RLHF_MAX_BATCH)")
-    g.add_argument("--max-batch-rows", type=int, default=env("MAX_BATCH_ROWS", 128, int),
-                   help="policy: most sequences (prompts x samples) decoded together in one batch "
-                        "(PALM_RLHF_MAX_BATCH_ROWS)")
-    g.add_argument("--batch-window-ms", type=float, default=env("BATCH_WINDOW_MS", 0.0, float),
-                   help="policy: how long the batcher waits for more requests before a forward pass "
-                        "(PALM_RLHF_BATCH_WINDOW_MS)")
-    g.add_argument("--batch-threads", type=int, default=env("BATCH_THREADS", os.cpu_count() or 1, int),
-                   help="policy: torch threads for large batches (>= --batch-threads-min-rows rows); small "
-                        "batches keep --torch-threads (PALM_RLHF_BATCH_THREADS, default: the CPU count; 0 "
-                        "disables)")
-    g.add_argument("--quantize", default=env("QUANTIZE", "none"), choices=("none", "int8"),
-                   help="policy: int8 = weight-only int8 decode steps on the CPU for batches of up to 4 "
-                        "sequences, about twice as fast at one sequence; log-probs then come from the "
-                        "quantized model (PALM_RLHF_QUANTIZE)")
-    g.add_argument("--batch-threads-min-rows", type=int, default=env("BATCH_THREADS_MIN_ROWS", 16, int),
-                   help="policy: rows (prompts x samples) that make a batch large (PALM_RLHF_BATCH_THREADS_MIN_ROWS)")
-    g.add_argument("--follow-store", type=float, default=env("FOLLOW_STORE", 0.0, float),
-                   help="policy: poll the store's CURRENT pointer every SECONDS and load new versions; "
-                        "0 = off (PALM_RLHF_FOLLOW_STORE)")
-    g.add_argument("--scorer", default=env("SCORER", "learned"), choices=("learned", "sentiment"),
-                   help="reward: default scorer (PALM_RLHF_SCORER)")
-    g.add_argument("--update-fn", default=env("UPDATE_FN"),
-                   help="trainer: 'module:factory' returning the update callable, factory(args) -> "
-                        "update_fn(core) -> (new_version | None, metrics) (PALM_RLHF_UPDATE_FN); "
-                        "default: a no-op reporting 'no new feedback'")
-    g.add_argument("--update-interval", type=float, default=env("UPDATE_INTERVAL", 0.0, float),
-                   help="trainer: run an update round every SECONDS whatever the feedback (replaces the "
-                        "automatic rounds below); 0 = off (PALM_RLHF_UPDATE_INTERVAL)")
-    g.add_argument("--round-after-feedback", type=int, default=env("ROUND_AFTER_FEEDBACK", 64, int),
-                   help="trainer: start a round by itself once this many feedback rows are new; 0 = off "
-                        "(PALM_RLHF_ROUND_AFTER_FEEDBACK, default 64)")
-    g.add_argument("--round-after-seconds", type=float, default=env("ROUND_AFTER_SECONDS", 90.0, float),
-                   help="trainer: or this many seconds after the last round once any feedback row is new; "
-                        "0 = off; both 0 = rounds only on Trigger (PALM_RLHF_ROUND_AFTER_SECONDS, default 90)")
-    g.add_argument("--round-poll", type=float, default=env("ROUND_POLL", 5.0, float),
-                   help="trainer: how often to count new feedback rows for the automatic rounds "
-                        "(PALM_RLHF_ROUND_POLL, default 5)")
-    g.add_argument("--store-poll", type=float, default=env("STORE_POLL", 2.0, float),
-                   help="trainer: how often to look for CURRENT changes made outside the trainer, to "
-                        "announce them (PALM_RLHF_STORE_POLL)")
+    flag(g, "--grace", type=float, default=10.0,
+            help="seconds in-flight requests get to finish after SIGTERM (PALM_RLHF_GRACE)")
+    flag(g, "--drain-delay", type=float, default=0.0,
+            help="after SIGTERM, keep reporting NOT_SERVING at least this long before closing the "
+                 "port, so load balancers notice (PALM_RLHF_DRAIN_DELAY)")
+    flag(g, "--max-prompt-tokens", type=int, default=1024,
+            help="longest prompt accepted, in tokens (PALM_RLHF_MAX_PROMPT_TOKENS)")
+    flag(g, "--max-new-tokens", type=int, default=512,
+            help="largest max_new_tokens a request may ask for (PALM_RLHF_MAX_NEW_TOKENS)")
+    flag(g, "--default-max-new-tokens", type=int, default=64,
+            help="max_new_tokens when a request leaves it unset (PALM_RLHF_DEFAULT_MAX_NEW_TOKENS)")
+    flag(g, "--max-n", type=int, default=16,
+            help="most samples per prompt (PALM_RLHF_MAX_N)")
+    flag(g, "--max-batch", type=int, default=64,
+            help="most prompts / sequences / responses in one request (PALM_RLHF_MAX_BATCH)")
+    flag(g, "--max-batch-rows", type=int, default=128,
+            help="policy: most sequences (prompts x samples) decoded together in one batch "
+                 "(PALM_RLHF_MAX_BATCH_ROWS)")
+    flag(g, "--batch-window-ms", type=float, default=0.0,
+            help="policy: how long the batcher waits for more requests before a forward pass "
+                 "(PALM_RLHF_BATCH_WINDOW_MS)")
+    flag(g, "--batch-threads", type=int, default=os.cpu_count() or 1,
+            help="policy: torch threads for large batches (>= --batch-threads-min-rows rows); small "
+                 "batches keep --torch-threads (PALM_RLHF_BATCH_THREADS, default: the CPU count; 0 "
+                 "disables)")
+    flag(g, "--quantize", default="none", choices=("none", "int8"),
+            help="policy: int8 = weight-only int8 decode steps on the CPU for batches of up to 4 "
+                 "sequences, about twice as fast at one sequence; log-probs then come from the "
+                 "quantized model (PALM_RLHF_QUANTIZE)")
+    flag(g, "--batch-threads-min-rows", type=int, default=16,
+            help="policy: rows (prompts x samples) that make a batch large (PALM_RLHF_BATCH_THREADS_MIN_ROWS)")
+    flag(g, "--follow-store", type=float, default=0.0,
+            help="policy: poll the store's CURRENT pointer every SECONDS and load new versions; "
+                 "0 = off (PALM_RLHF_FOLLOW_STORE)")
+    flag(g, "--scorer", default="learned", choices=("learned", "sentiment"),
+            help="reward: default scorer (PALM_RLHF_SCORER)")
+    flag(g, "--update-fn", default=None,
+            help="trainer: 'module:factory' returning the update callable, factory(args) -> "
+                 "update_fn(core) -> (new_version | None, metrics) (PALM_RLHF_UPDATE_FN); "
+                 "default: a no-op reporting 'no new feedback'")
+    flag(g, "--update-interval", type=float, default=0.0,
+            help="trainer: run an update round every SECONDS whatever the feedback (replaces the "
+                 "automatic rounds below); 0 = off (PALM_RLHF_UPDATE_INTERVAL)")
+    flag(g, "--round-after-feedback", type=int, default=64,
+            help="trainer: start a round by itself once this many feedback rows are new; 0 = off "
+                 "(PALM_RLHF_ROUND_AFTER_FEEDBACK, default 64)")
+    flag(g, "--round-after-seconds", type=float, default=90.0,
+            help="trainer: or this many seconds after the last round once any feedback row is new; "
+                 "0 = off; both 0 = rounds only on Trigger (PALM_RLHF_ROUND_AFTER_SECONDS, default 90)")
+    flag(g, "--round-poll", type=float, default=5.0,
+            help="trainer: how often to count new feedback rows for the automatic rounds "
+                 "(PALM_RLHF_ROUND_POLL, default 5)")
+    flag(g, "--store-poll", type=float, default=2.0,
+            help="trainer: how often to look for CURRENT changes made outside the trainer, to "
+                 "announce them (PALM_RLHF_STORE_POLL)")
     gw = p.add_argument_group("gateway")
-    gw.add_argument("--api-keys-file", default=env("API_KEYS_FILE"),
-                    help="gateway: file with one API key per line (PALM_RLHF_API_KEYS_FILE; "
-                         "PALM_RLHF_API_KEYS adds comma-separated keys)")
-    gw.add_argument("--rate-limit", type=rate_limit_spec,
-                    default=rate_limit_spec(env("RATE_LIMIT", DEFAULT_RATE_LIMIT)),
-                    help="gateway: request units per API key (a chat completion 1, a feedback row 0.1); a "
-                         "bare number is per minute, or give N/s, N/min, N/h, N/s:BURST, 'off' "
-                         "(PALM_RLHF_RATE_LIMIT, default 1200/min:300)")
-    gw.add_argument("--keep-alive", type=float, default=env("KEEP_ALIVE", 75.0, float),
-                    help="gateway: seconds an idle HTTP connection stays open (PALM_RLHF_KEEP_ALIVE, default 75; "
-                         "keep it above the idle timeout of clients and load balancers)")
-    gw.add_argument("--insecure-no-auth", action="store_true", default=env("INSECURE_NO_AUTH", False, bool),
-                    help="gateway: serve without API keys on a non-loopback address (PALM_RLHF_INSECURE_NO_AUTH)")
+    flag(gw, "--api-keys-file", default=None,
+             help="gateway: file with one API key per line (PALM_RLHF_API_KEYS_FILE; "
+                  "PALM_RLHF_API_KEYS adds comma-separated keys)")
+    flag(gw, "--rate-limit", type=rate_limit_spec,
+             default=DEFAULT_RATE_LIMIT,
+             help="gateway: request units per API key (a chat completion 1, a feedback row 0.1); a "
+                  "bare number is per minute, or give N/s, N/min, N/h, N/s:BURST, 'off' "
+                  "(PALM_RLHF_RATE_LIMIT, default 1200/min:300)")
+    flag(gw, "--keep-alive", type=float, default=75.0,
+             help="gateway: seconds an idle HTTP connection stays open (PALM_RLHF_KEEP_ALIVE, default 75; "
+                  "keep it above the idle timeout of clients and load balancers)")
+    flag(gw, "--insecure-no-auth", action="store_true", default=False,
+             help="gateway: serve without API keys on a non-loopback address (PALM_RLHF_INSECURE_NO_AUTH)")
 
 
 def rate_limit_spec(value: str | float) -> str:
@@ -164,21 +214,6 @@ def rate_limit_spec(value: str | float) -> str:
     except ValueError:
         return text
     return "off" if float(text) <= 0 else f"{text}/min"
-
-
-def resolve_ports(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill role-dependent defaults (ports, trainer address, database URL) in place."""
-    role = args.role
-    if args.port is None:
-        args.port = DEFAULT_PORTS[role]
-    if getattr(args, "metrics_port", None) is None:
-        args.metrics_port = DEFAULT_METRICS_PORTS.get(role, -1)
-    args.follow_trainer = args.trainer_addr is not None
-    if args.trainer_addr is None:
-        args.trainer_addr = DEFAULT_ADDRS["trainer"]
-    if args.database_url is None:
-        args.database_url = f"sqlite:///{Path(args.data_dir).resolve() / 'feedback.db'}"
-    return args
 
 
 def torch_device(spec: str) -> str:

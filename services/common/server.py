@@ -10,7 +10,6 @@ given ``--grace`` seconds, then exit 0.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hmac
 import logging
@@ -26,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from services.common.client import MIN_PING_INTERVAL_MS
 from services.common.errors import InvalidArgument, Unauthenticated, Unavailable, status_for
 from services.common.metrics import ServiceMetrics
+from services.common.settings import ServeSettings
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def server_options(max_message_bytes: int, *, min_ping_interval_ms: int | None =
     ]
 
 
-def server_credentials(args: argparse.Namespace):
+def server_credentials(args: ServeSettings):
     """TLS (``--tls-cert``/``--tls-key``) or mutual TLS (plus ``--tls-client-ca``), else None."""
     cert, key = getattr(args, "tls_cert", None), getattr(args, "tls_key", None)
     client_ca = getattr(args, "tls_client_ca", None)
@@ -107,7 +107,10 @@ class Lifecycle:
 
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
-    """Auth for admin methods, drain refusal, metrics and error mapping for every RPC."""
+    """Auth for admin methods, drain refusal, metrics and error mapping for every RPC.
+
+    Admin methods need ``authorization: Bearer <admin_token>`` (compared in constant time);
+    without a configured token they are refused, never open."""
 
     def __init__(
         self,
@@ -194,7 +197,10 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
     def _admit(self, method: str, metadata: dict) -> None:
         if self.lifecycle.draining:
             raise Unavailable("the server is shutting down; retry on another replica")
-        if method in self.admin_methods and self.admin_token:
+        if method in self.admin_methods:
+            if not self.admin_token:
+                raise Unauthenticated("admin calls are disabled: this service was started without an admin "
+                                      "token (PALM_RLHF_ADMIN_TOKEN or PALM_RLHF_ADMIN_TOKEN_FILE)")
             given = str(metadata.get("authorization", ""))
             expected = f"Bearer {self.admin_token}"
             if not hmac.compare_digest(given.encode(), expected.encode()):
@@ -247,7 +253,7 @@ def bind_address(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
-async def serve_app(args: argparse.Namespace, app: ServiceApp, started: Callable[[int, int | None], Awaitable[None] | None] | None = None) -> int:
+async def serve_app(args: ServeSettings, app: ServiceApp, started: Callable[[int, int | None], Awaitable[None] | None] | None = None) -> int:
     """Run ``app`` until SIGTERM/SIGINT; returns the process exit status."""
     lifecycle = Lifecycle()
     interceptor = ServiceInterceptor(

@@ -1,5 +1,6 @@
 """``python -m services.gateway``: run the gateway on its own (the same as
-``palm-rlhf serve gateway``), with every flag falling back to its PALM_RLHF_* variable."""
+``palm-rlhf serve gateway``), with every flag falling back to its PALM_RLHF_* variable
+(:class:`services.gateway.settings.GatewaySettings`)."""
 
 from __future__ import annotations
 
@@ -25,20 +26,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="per client, in request units (a chat completion 1, a feedback row 0.1); a bare number is per "
         "minute, or 10/s, 3600/h, 10/s:40 (burst 40), off (default 1200/min:300)",
     )
-    p.add_argument("--admin-token", default=None)
+    p.add_argument("--admin-token", default=None, help="bearer token for the log export (PALM_RLHF_ADMIN_TOKEN)")
+    p.add_argument(
+        "--admin-token-file", default=None, help="file holding the admin token (PALM_RLHF_ADMIN_TOKEN_FILE)"
+    )
     p.add_argument("--max-body-bytes", type=int, default=None)
+    p.add_argument("--body-timeout", type=float, default=None,
+                   help="seconds a request body may take to arrive; slower clients get 408 (default 30)")
+    p.add_argument("--max-inflight", type=int, default=None,
+                   help="chat completions in flight at once; more get 503 + Retry-After (default 64, 0: no cap)")
     p.add_argument("--keep-alive", type=float, default=None, help="idle HTTP connection timeout in seconds (default 75)")
     p.add_argument(
         "--insecure-no-auth", action="store_true", help="allow serving beyond loopback without keys"
     )
-    p.add_argument("--log-level", default="info")
+    p.add_argument(
+        "--min-answer-tokens",
+        type=int,
+        default=None,
+        help="room for an answer a long conversation is shortened to leave (PALM_RLHF_MIN_ANSWER_TOKENS, default 32)",
+    )
+    p.add_argument("--log-level", default=None)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        level=getattr(logging, str(args.log_level or "info").upper(), logging.INFO),
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
     )
     from .app import run_gateway

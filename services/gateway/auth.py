@@ -11,7 +11,6 @@ import hashlib
 import hmac
 import ipaddress
 import math
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -25,18 +24,16 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
-def load_api_keys(path: str | Path | None = None, env_value: str | None = None) -> list[str]:
+def load_api_keys(path: str | Path | None = None, env_value: str = "") -> list[str]:
     """Keys from a file (one per line; blank lines and ``#`` comments skipped) and from a
-    comma-separated string (``PALM_RLHF_API_KEYS``). Returns the keys themselves; hash them
-    with :class:`KeyRing` and drop the list."""
+    comma-separated string (the setting ``PALM_RLHF_API_KEYS``). Returns the keys themselves;
+    hash them with :class:`KeyRing` and drop the list."""
     keys: list[str] = []
     if path:
         for line in Path(path).read_text(encoding="utf-8").splitlines():
             line = line.strip()
             if line and not line.startswith("#"):
                 keys.append(line)
-    if env_value is None:
-        env_value = os.environ.get("PALM_RLHF_API_KEYS", "")
     keys.extend(k.strip() for k in env_value.split(",") if k.strip())
     return keys
 

@@ -6,7 +6,8 @@ benchmarked against any honest implementation; :class:`GrpcBackends` is the one 
 production, speaking the ``palm_rlhf.v1`` contracts.
 
 Every call has a deadline. Calls that fail with UNAVAILABLE (a replica restarting, a connection
-not yet up) are retried with exponential backoff while the deadline allows; other failures are
+not yet up) are retried by the services' shared retry policy (services/common/client.py) with
+exponential backoff while the deadline allows; other failures are
 reported at once as :class:`BackendError` with a category the HTTP layer maps to a status.
 """
 
@@ -14,8 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
@@ -138,23 +137,16 @@ class GrpcBackends:
         self.timeouts = timeouts or BackendTimeouts()
         self.scorer = scorer
         self._on_error = on_error or (lambda backend, kind: None)
-        from services.common.client import client_credentials, keepalive_options
+        from services.common.client import RetryPolicy, create_channel
 
-        opts = [
-            ("grpc.max_send_message_length", _MAX_MESSAGE),
-            ("grpc.max_receive_message_length", _MAX_MESSAGE),
-            *keepalive_options(),  # the pace the services' servers accept (no too_many_pings GOAWAY)
-            # reconnect soon after a backend comes back (gRPC's default backoff grows to 120 s)
-            ("grpc.initial_reconnect_backoff_ms", 200),
-            ("grpc.max_reconnect_backoff_ms", 2_000),
-        ]
+        # UNAVAILABLE (a replica restarting, a connection not yet up) is retried by _call under
+        # the call's deadline and the retry budget; gRPC's built-in retries stay off so the two
+        # never multiply. Reconnects are as eager as these retries.
+        self.retry = RetryPolicy(max_attempts=1_000, initial_backoff=0.05, max_backoff=1.0,
+                                 budget=self.timeouts.retry_budget_s)
         self.addrs = {"policy": policy_addr, "reward": reward_addr}
-
-        creds = client_credentials()
         self._channels = {
-            name: grpc.aio.secure_channel(addr, creds, options=opts)
-            if creds is not None
-            else grpc.aio.insecure_channel(addr, options=opts)
+            name: create_channel(addr, max_message_bytes=_MAX_MESSAGE, retries=0)
             for name, addr in self.addrs.items()
         }
         self._policy = policy_pb2_grpc.PolicyStub(self._channels["policy"])
@@ -188,24 +180,17 @@ class GrpcBackends:
         return err
 
     async def _call(self, backend: str, fn: Callable[[float], Awaitable[T]], timeout: float) -> T:
-        """Run ``fn(remaining_timeout)``, retrying UNAVAILABLE with jittered exponential backoff
-        until the deadline (and the retry budget) runs out."""
-        grpc = self._grpc
-        deadline = time.monotonic() + timeout
-        delay, waited = 0.05, 0.0
-        while True:
-            remaining = deadline - time.monotonic()
-            try:
-                return await fn(max(remaining, 0.001))
-            except grpc.aio.AioRpcError as e:
-                remaining = deadline - time.monotonic()
-                retryable = e.code() == grpc.StatusCode.UNAVAILABLE
-                if not retryable or remaining <= delay or waited + delay > self.timeouts.retry_budget_s:
-                    raise self._error(backend, e) from None
-                log.info("%s unavailable, retrying in %.2fs: %s", backend, delay, e.details())
-                await asyncio.sleep(delay * (0.5 + random.random()))
-                waited += delay
-                delay = min(delay * 2, 1.0)
+        """Run ``fn(remaining_timeout)``, retrying UNAVAILABLE per ``self.retry`` until the
+        deadline (and the retry budget) runs out."""
+        from services.common.client import call_with_retry
+
+        def retrying(attempt: int, code, wait: float) -> None:
+            log.info("%s %s, retrying in %.2fs", backend, code.name, wait)
+
+        try:
+            return await call_with_retry(fn, timeout=timeout, policy=self.retry, on_retry=retrying)
+        except self._grpc.aio.AioRpcError as e:
+            raise self._error(backend, e) from None
 
     def _request(self, prompt_text: str, n: int, params: SamplingOptions):
         from palm_rlhf.proto.v1 import policy_pb2
@@ -251,38 +236,27 @@ class GrpcBackends:
     async def generate_stream(
         self, prompt_text: str, n: int, params: SamplingOptions
     ) -> AsyncIterator[StreamEvent]:
-        grpc = self._grpc
+        from services.common.client import stream_with_retry
+
         req = self._request(prompt_text, n, params)
-        deadline = time.monotonic() + self.timeouts.generate_s
-        delay = 0.05
-        while True:  # retry only while nothing has been received yet
-            call = self._policy.GenerateStream(req, timeout=max(deadline - time.monotonic(), 0.001))
-            received = False
-            try:
-                async for chunk in call:
-                    received = True
-                    yield StreamEvent(
-                        sample_index=chunk.sample_index,
-                        text=chunk.text,
-                        token_ids=list(chunk.token_ids),
-                        logprobs=list(chunk.logprobs),
-                        finish_reason=_FINISH.get(chunk.finish_reason) if chunk.finish_reason else None,
-                        policy_version=chunk.policy_version,
-                        prompt_token_ids=list(chunk.prompt_token_ids),
-                    )
-                return
-            except grpc.aio.AioRpcError as e:
-                if (
-                    received
-                    or e.code() != grpc.StatusCode.UNAVAILABLE
-                    or deadline - time.monotonic() <= delay
-                    or delay > self.timeouts.retry_budget_s
-                ):
-                    raise self._error("policy", e) from None
-                await asyncio.sleep(delay * (0.5 + random.random()))
-                delay *= 2
-            finally:
-                call.cancel()
+        # retried only while nothing has been received yet
+        stream = stream_with_retry(lambda t: self._policy.GenerateStream(req, timeout=t),
+                                   timeout=self.timeouts.generate_s, policy=self.retry)
+        try:
+            async for chunk in stream:
+                yield StreamEvent(
+                    sample_index=chunk.sample_index,
+                    text=chunk.text,
+                    token_ids=list(chunk.token_ids),
+                    logprobs=list(chunk.logprobs),
+                    finish_reason=_FINISH.get(chunk.finish_reason) if chunk.finish_reason else None,
+                    policy_version=chunk.policy_version,
+                    prompt_token_ids=list(chunk.prompt_token_ids),
+                )
+        except self._grpc.aio.AioRpcError as e:
+            raise self._error("policy", e) from None
+        finally:
+            await stream.aclose()
 
     async def score(self, prompt_text: str, responses: list[str]) -> ScoreResult:
         from palm_rlhf.proto.v1 import reward_pb2

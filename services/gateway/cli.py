@@ -33,15 +33,15 @@ def register(subparsers) -> None:
 def _export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from services.common.feedback_store import default_database_url, open_store
+    from services.common.feedback_store import open_store
 
-    url = args.database_url or os.environ.get("PALM_RLHF_DATABASE_URL")
-    if not url:
-        data_dir = Path(args.data_dir or os.environ.get("PALM_RLHF_DATA_DIR", "./data"))
-        url = default_database_url(data_dir)
-        if not (data_dir / "feedback.db").exists():
-            print(f"error: no feedback database at {data_dir / 'feedback.db'}", file=sys.stderr)
-            return 1
+    from .settings import GatewaySettings
+
+    settings = GatewaySettings.from_args(args)
+    url = settings.resolved_database_url()
+    if not settings.database_url and not (settings.data_dir / "feedback.db").exists():
+        print(f"error: no feedback database at {settings.data_dir / 'feedback.db'}", file=sys.stderr)
+        return 1
     with open_store(url) as store:
         if args.out == "-":
             n = store.export_jsonl(

@@ -3,7 +3,7 @@ apps in one process, as in tests, do not collide)."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -52,3 +52,12 @@ class GatewayMetrics:
             "gateway_rate_limited", "Requests refused by the rate limiter", registry=r
         )
         self.tokens = Counter("gateway_completion_tokens", "Tokens generated (all candidates)", registry=r)
+        self.inflight = Gauge("gateway_inflight_chat_completions", "Chat completions in flight", registry=r)
+        self.shed = Counter(
+            "gateway_shed", "Requests refused because the system is at capacity, by reason", ["reason"], registry=r
+        )
+        self.client_gone = Counter(
+            "gateway_client_gone",
+            "Chat completions whose client disconnected before the answer (work cancelled, nothing stored)",
+            registry=r,
+        )

@@ -1,7 +1,8 @@
 """Request and response bodies of the HTTP API (they define the served OpenAPI schema).
 
 The chat-completions shapes follow OpenAI's so that its clients work unchanged; the gateway's
-additions (``best_of``, per-choice ``reward``, ``policy_version``, ``reward_version``) are extra
+additions (``best_of``, per-choice ``reward``, ``policy_version``, ``reward_version``,
+``palm_rlhf.dropped_turns``) are extra
 fields those clients pass through (``extra_body``) or ignore.
 """
 
@@ -114,7 +115,13 @@ class ChatCompletionRequest(BaseModel):
         description="Sample only from the k most likely tokens (0 or null: off; 1 is greedy). Not an "
         "OpenAI field: the openai client sends it in extra_body.",
     )
-    max_tokens: int | None = Field(default=None, ge=1, le=4096)
+    max_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        le=4096,
+        description="Most tokens per answer; default: the room the prompt leaves in the model's context "
+        "(within the policy's limit).",
+    )
     max_completion_tokens: int | None = Field(default=None, ge=1, le=4096, description="Alias of max_tokens.")
     stop: str | list[str] | None = Field(default=None, description="Up to 4 stop sequences.")
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
@@ -220,6 +227,16 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class GatewayExtras(BaseModel):
+    """This gateway's own report on a completion (OpenAI clients pass it through unread)."""
+
+    dropped_turns: int = Field(
+        default=0,
+        description="Messages left out of the prompt, oldest first, so that the conversation fits the "
+        "model's context (also in the X-Palm-Rlhf-Dropped-Turns header).",
+    )
+
+
 class ChatCompletionResponse(BaseModel):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
@@ -231,6 +248,7 @@ class ChatCompletionResponse(BaseModel):
     reward_version: str
     best_of: int
     system_fingerprint: str | None = None
+    palm_rlhf: GatewayExtras = Field(default_factory=GatewayExtras)
 
 
 class FeedbackRequest(BaseModel):

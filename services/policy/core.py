@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from palm_rlhf.generation import DecodeSession, SamplingParams
+from palm_rlhf.stops import scan_stops
 from services.common.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from services.common.metrics import ServiceMetrics
 from services.common.models import LoadedPalm, load_palm_version, version_path
@@ -521,10 +522,10 @@ class PolicyCore:
     def _match_stop(row: _Row, tok) -> bool:
         """True when the row's text now contains one of its stop sequences (then truncated)."""
         text = tok.decode(row.ids)
-        hits = [(text.find(s), s) for s in row.req.params.stop if s in text]
-        if not hits:
+        found = scan_stops(text, row.req.params.stop)
+        if not found.stopped:
             return False
-        cut, stop = min(hits)
+        cut, stop = found.end, found.matched
         keep = len(row.ids)
         while keep > 0 and len(tok.decode(row.ids[:keep])) > cut:
             keep -= 1
@@ -538,7 +539,8 @@ class PolicyCore:
         text = tok.decode(row.ids)
         if finished is None:
             stable = text.rstrip("\ufffd")  # an incomplete multi-byte character decodes as U+FFFD
-            stable = stable[: max(len(row.emitted), len(stable) - holdback)]
+            if holdback:  # never half-send a stop sequence: hold back what could begin one
+                stable = stable[: max(len(row.emitted), scan_stops(stable, req.params.stop).safe)]
         else:
             stable = text
         delta = stable[len(row.emitted):] if stable.startswith(row.emitted) else ""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 from collections.abc import AsyncIterator
@@ -10,7 +9,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from palm_rlhf.proto.v1 import common_pb2, policy_pb2, policy_pb2_grpc, trainer_pb2, trainer_pb2_grpc
-from services.common.client import create_channel
+from services.common.client import RetryPolicy, create_channel
 from services.common.config import torch_device
 from services.common.errors import InvalidArgument
 from services.common.metrics import ServiceMetrics
@@ -20,6 +19,10 @@ from services.common.server import serve_app
 from services.policy.core import GenerationOut, GenParams, PolicyCore, PolicyLimits, StreamEvent
 
 log = logging.getLogger(__name__)
+
+# Reconnecting to the trainer's announcement stream: a subscription is never given up, so only
+# the backoff of the shared policy applies (0.5 s doubling to 10 s, jittered).
+FOLLOW_RETRY = RetryPolicy(max_attempts=1, initial_backoff=0.5, max_backoff=10.0, multiplier=2.0, jitter=0.5)
 
 SERVICE = policy_pb2.DESCRIPTOR.services_by_name["Policy"].full_name
 FINISH = {
@@ -119,7 +122,8 @@ class PolicyApp:
     admin_methods = frozenset({f"/{SERVICE}/LoadVersion"})
     long_lived_methods = frozenset()
 
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, args):
+        """``args``: the process's PolicySettings (services/common/settings.py)."""
         self.args = args
         self.metrics = ServiceMetrics("policy")
         self.device = torch_device(args.device)
@@ -157,25 +161,26 @@ class PolicyApp:
             log.warning("could not switch to %s (%s): %s", version, why, e)
 
     async def _follow_trainer(self) -> None:
-        """Subscribe to the trainer's announcements, reconnecting with backoff."""
-        delay = 0.5
+        """Subscribe to the trainer's announcements, reconnecting with the shared backoff
+        (FOLLOW_RETRY; it starts again from the shortest wait once an announcement arrives)."""
+        failures = 0
         while True:
             try:
                 async with create_channel(self.args.trainer_addr, max_message_bytes=self.args.max_message_bytes) as ch:
                     stub = trainer_pb2_grpc.TrainerStub(ch)
                     call = stub.WatchVersions(trainer_pb2.WatchVersionsRequest(send_current=True))
                     async for ann in call:
-                        delay = 0.5
+                        failures = 0
                         if ann.kind in ("", "policy") and ann.version:
                             await self._switch(ann.version, f"trainer: {ann.reason}")
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError as e:
-                log.debug("trainer %s not reachable (%s); retrying in %.1fs", self.args.trainer_addr, e.code(), delay)
+                log.debug("trainer %s not reachable (%s); retrying", self.args.trainer_addr, e.code())
             except Exception:
                 log.exception("following the trainer failed; retrying")
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
+            failures += 1
+            await asyncio.sleep(FOLLOW_RETRY.backoff(failures))
 
     async def _follow_store(self) -> None:
         while True:
@@ -196,5 +201,5 @@ class PolicyApp:
         await self.core.close()
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args) -> int:
     return asyncio.run(serve_app(args, PolicyApp(args)))

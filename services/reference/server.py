@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 
 import grpc
@@ -14,6 +13,7 @@ from services.common.metrics import ServiceMetrics
 from services.common.models import ensure_policy_store, resolve_checkpoint, store
 from services.common.protoutil import model_info
 from services.common.server import serve_app
+from services.common.settings import ReferenceSettings
 from services.reference.core import ReferenceCore
 
 SERVICE = reference_pb2.DESCRIPTOR.services_by_name["Reference"].full_name
@@ -48,7 +48,7 @@ class ReferenceApp:
     admin_methods = frozenset()
     long_lived_methods = frozenset()
 
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, args: ReferenceSettings):
         self.args = args
         self.metrics = ServiceMetrics("reference")
         self.device = torch_device(args.device)
@@ -77,5 +77,5 @@ class ReferenceApp:
         await self.core.close()
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: ReferenceSettings) -> int:
     return asyncio.run(serve_app(args, ReferenceApp(args)))

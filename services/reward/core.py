@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from palm_rlhf.checkpoint import CheckpointError, CheckpointStore, load_palm, read_manifest
+from palm_rlhf.rl.online import encode_for_reward, reward_batch  # noqa: F401 - encode_for_reward re-exported
 from palm_rlhf.tokenizer import load_tokenizer
 from services.common.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from services.common.metrics import ServiceMetrics
@@ -38,19 +39,6 @@ class LoadedReward(LoadedPalm):
     @property
     def config(self):
         return self.model.palm.config
-
-
-def encode_for_reward(tok, prompt: str, response: str, max_len: int) -> tuple[list[int], int]:
-    """(ids, prompt length) as the learned scorer reads a pair: BOS + prompt, then response + EOS.
-
-    Over-long pairs keep the end of the prompt and the start of the response, so the pooled
-    response tokens always dominate."""
-    p = [tok.bos_id] + list(tok.encode(prompt))
-    r = list(tok.encode(response)) + [tok.eos_id]
-    r = r[: max(1, max_len // 2)] if len(p) + len(r) > max_len else r
-    if len(p) + len(r) > max_len:
-        p = p[len(p) + len(r) - max_len :]
-    return p + r, len(p)
 
 
 def init_reward_store(st: CheckpointStore, start: Path, device: str = "cpu") -> str:
@@ -195,14 +183,8 @@ class RewardCore:
         for start in range(0, len(pairs), CHUNK):
             if deadline is not None and time.monotonic() > deadline:
                 raise DeadlineExceeded("deadline exceeded while scoring")
-            enc = [encode_for_reward(tok, p, r, max_len) for _, p, r in pairs[start:start + CHUNK]]
-            length = max(len(ids) for ids, _ in enc)
-            x = torch.full((len(enc), length), tok.pad_id, dtype=torch.long, device=device)  # (seqs, len)
-            mask = torch.zeros(len(enc), length, dtype=torch.bool, device=device)
-            for i, (ids, _) in enumerate(enc):
-                x[i, : len(ids)] = torch.tensor(ids)
-                mask[i, : len(ids)] = True
-            plen = torch.tensor([pl for _, pl in enc], device=device)
+            chunk = pairs[start:start + CHUNK]
+            x, mask, plen = reward_batch(tok, [p for _, p, _ in chunk], [r for _, _, r in chunk], max_len, device)
             if binned:
                 logits = model(x, mask=mask, prompt_lengths=plen, return_logits=True).float()  # (seqs, bins)
                 p = logits.softmax(dim=-1)
@@ -210,7 +192,7 @@ class RewardCore:
                 probs.extend(p.tolist())
             else:
                 scores.extend(model(x, mask=mask, prompt_lengths=plen).float().tolist())
-                probs.extend([] for _ in enc)
+                probs.extend([] for _ in chunk)
         return scores, probs
 
     async def close(self) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 
 import grpc
@@ -13,6 +12,7 @@ from services.common.metrics import ServiceMetrics
 from services.common.models import default_start_checkpoint, resolve_checkpoint, store
 from services.common.protoutil import model_info
 from services.common.server import serve_app
+from services.common.settings import RewardSettings
 from services.reward.core import SCORERS, RewardCore, init_reward_store
 
 SERVICE = reward_pb2.DESCRIPTOR.services_by_name["Reward"].full_name
@@ -60,7 +60,7 @@ class RewardApp:
     admin_methods = frozenset({f"/{SERVICE}/LoadVersion"})
     long_lived_methods = frozenset()
 
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, args: RewardSettings):
         self.args = args
         self.metrics = ServiceMetrics("reward")
         self.device = torch_device(args.device)
@@ -86,5 +86,5 @@ class RewardApp:
         await self.core.close()
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: RewardSettings) -> int:
     return asyncio.run(serve_app(args, RewardApp(args)))

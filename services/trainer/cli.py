@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
+
+from services.common.config import DEFAULT_ADDRS, flag
 
 
 def _trainer_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--trainer-addr", default=os.environ.get("PALM_RLHF_TRAINER_ADDR", "127.0.0.1:50054"),
-                   help="trainer service address (PALM_RLHF_TRAINER_ADDR, default 127.0.0.1:50054)")
-    p.add_argument("--admin-token", default=os.environ.get("PALM_RLHF_ADMIN_TOKEN"),
-                   help="bearer token for the admin RPCs Trigger and Rollback (PALM_RLHF_ADMIN_TOKEN)")
+    flag(p, "--trainer-addr", default=DEFAULT_ADDRS["trainer"],
+         help=f"trainer service address (PALM_RLHF_TRAINER_ADDR, default {DEFAULT_ADDRS['trainer']})")
+    flag(p, "--admin-token", default=None,
+         help="bearer token for the admin RPCs Trigger and Rollback; prefer PALM_RLHF_ADMIN_TOKEN or "
+              "--admin-token-file (a flag is visible in the process list). Default: DATA_DIR/admin-token "
+              "as written by 'palm-rlhf up'")
+    flag(p, "--admin-token-file", type=Path, default=None,
+         help="read the admin token from this file (PALM_RLHF_ADMIN_TOKEN_FILE)")
+    flag(p, "--data-dir", type=Path, default=Path("./data"),
+         help="where 'palm-rlhf up' keeps its admin-token file (PALM_RLHF_DATA_DIR, default ./data)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the reply (default 3600)")
     p.add_argument("--json", action="store_true", help="print the reply as JSON")
 
@@ -37,11 +44,15 @@ def _run_trainer(args: argparse.Namespace) -> int:
     import grpc
 
     from palm_rlhf.proto.v1 import trainer_pb2, trainer_pb2_grpc
-    from services.common.client import admin_metadata, create_sync_channel
+    from services.common.client import admin_metadata, client_credentials, create_sync_channel
+    from services.common.settings import ClientSettings, build_settings
 
-    md = admin_metadata(args.admin_token)
+    settings = build_settings(ClientSettings, args)
+    md = admin_metadata(settings.admin_token)
+    creds = client_credentials(settings.tls_ca, settings.tls_client_cert, settings.tls_client_key)
     try:
-        with create_sync_channel(args.trainer_addr) as ch:
+        with create_sync_channel(settings.trainer_addr, max_message_bytes=settings.max_message_bytes,
+                                 credentials=creds) as ch:
             stub = trainer_pb2_grpc.TrainerStub(ch)
             if args.action == "status":
                 reply = stub.Status(trainer_pb2.StatusRequest(), timeout=args.timeout)
@@ -60,11 +71,13 @@ def _run_trainer(args: argparse.Namespace) -> int:
 
 def _run_demo_loop(args: argparse.Namespace) -> int:
     from palm_rlhf.demo.simulate import DemoLoopConfig, run_demo_loop
+    from services.common.settings import DemoSettings, build_settings
 
+    demo = build_settings(DemoSettings, args)
     cfg = DemoLoopConfig(
         data_dir=Path(args.data_dir), rounds=args.rounds, users=args.users, chats_per_user=args.chats,
         max_tokens=args.max_tokens, eval_prompts=args.eval_prompts, eval_samples=args.eval_samples,
-        reward_scorer=args.reward_scorer, algorithm=args.algorithm, seed=args.seed, port=args.port,
+        reward_scorer=demo.reward_scorer, algorithm=demo.rl_algorithm, seed=args.seed, port=args.port,
         plot=not args.no_plot, start_checkpoint=Path(args.checkpoint) if args.checkpoint else None,
     )
     result = run_demo_loop(cfg)
@@ -104,12 +117,13 @@ def register(subparsers) -> None:
     d.add_argument("--max-tokens", type=int, default=48, help="answer length limit in tokens (default 48)")
     d.add_argument("--eval-prompts", type=int, default=48, help="fixed held-out prompts measured (default 48)")
     d.add_argument("--eval-samples", type=int, default=2, help="seeded samples per measured prompt (default 2)")
-    d.add_argument("--reward-scorer", default=os.environ.get("PALM_RLHF_REWARD_SCORER", "sentiment"),
-                   help="training reward: learned, sentiment or e.g. 'learned:0.5+sentiment:1' (default sentiment)")
-    d.add_argument("--algorithm", default=os.environ.get("PALM_RLHF_RL_ALGORITHM", "rloo"),
-                   choices=("ppo", "grpo", "drgrpo", "rloo", "dpo", "ipo", "kto"),
-                   help="policy update: RL on rewarded rollouts (ppo, grpo, drgrpo, rloo) or preference "
-                        "optimisation on the logged pairs (dpo, ipo, kto) (default rloo)")
+    flag(d, "--reward-scorer", default="sentiment",
+         help="training reward: learned, sentiment or e.g. 'learned:0.5+sentiment:1' (PALM_RLHF_REWARD_SCORER, "
+              "default sentiment)")
+    flag(d, "--algorithm", dest="rl_algorithm", default="rloo",
+         choices=("ppo", "grpo", "drgrpo", "rloo", "dpo", "ipo", "kto"),
+         help="policy update: RL on rewarded rollouts (ppo, grpo, drgrpo, rloo) or preference "
+              "optimisation on the logged pairs (dpo, ipo, kto) (PALM_RLHF_RL_ALGORITHM, default rloo)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--port", type=int, default=0, help="gateway port (default: a free one)")
     d.add_argument("--no-plot", action="store_true", help="skip the PNG")

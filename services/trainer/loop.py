@@ -25,7 +25,6 @@ Transport lives here; the learning itself is in :mod:`palm_rlhf.rl.online` and
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
@@ -37,7 +36,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +46,6 @@ ACTOR_SCOPE = "actor"
 
 
 # --- settings -------------------------------------------------------------------------------
-
-
-def _env(name: str, default: Any, cast=str) -> Any:
-    raw = os.environ.get(f"PALM_RLHF_{name}")
-    if raw is None or raw.strip() == "":
-        return default
-    if cast is bool:
-        return raw.strip().lower() in ("1", "true", "yes", "on")
-    return cast(raw)
 
 
 def parse_scorer(spec: str) -> dict[str, float]:
@@ -79,8 +69,9 @@ def parse_scorer(spec: str) -> dict[str, float]:
 
 @dataclass
 class OnlineSettings:
-    """Every knob of the loop; :meth:`from_env` reads ``PALM_RLHF_<NAME>`` for each (the
-    environment names are listed in docs/online.md)."""
+    """Every knob of the loop. The trainer process reads them once, with the rest of its
+    settings (services/common/settings.py, ``OnlineLoopSettings``: one ``PALM_RLHF_<NAME>``
+    variable each, listed in docs/online.md) and :meth:`from_env` builds them from there."""
 
     reward_scorer: str = "learned"  # REWARD_SCORER: training reward, see parse_scorer
     # RL_ALGORITHM: ppo | grpo | drgrpo | rloo (rollouts scored by the reward; the critic-free ones are
@@ -124,36 +115,21 @@ class OnlineSettings:
     seed: int = 0  # ONLINE_SEED
     threads: int = 0  # TRAINER_THREADS: torch CPU threads during a round (0 = leave as started)
 
-    _ENV: ClassVar[dict[str, str]] = {
-        "reward_scorer": "REWARD_SCORER", "algorithm": "RL_ALGORITHM", "actor_finetune": "ACTOR_FINETUNE",
-        "lora_r": "ACTOR_LORA_R", "last_n_layers": "ACTOR_LAST_N", "iterations": "RL_ITERATIONS",
-        "prompts_per_iteration": "RL_PROMPTS", "group_size": "RL_GROUP_SIZE",
-        "max_new_tokens": "RL_MAX_NEW_TOKENS", "temperature": "RL_TEMPERATURE", "lr": "RL_LR",
-        "epochs": "RL_EPOCHS", "minibatch_size": "RL_MINIBATCH", "kl_coef": "KL_COEF", "kl_target": "KL_TARGET",
-        "pref_beta": "PREF_BETA",
-        "min_new_feedback": "MIN_NEW_FEEDBACK", "max_train_prompts": "MAX_TRAIN_PROMPTS",
-        "heldout_fraction": "HELDOUT_FRACTION", "eval_prompts": "EVAL_PROMPTS",
-        "eval_prompts_file": "EVAL_PROMPTS_FILE", "eval_pairs": "EVAL_PAIRS", "reward_refit": "REWARD_REFIT",
-        "reward_steps": "REWARD_STEPS", "reward_lr": "REWARD_LR", "reward_min_heldout": "REWARD_MIN_HELDOUT",
-        "reward_refit_mode": "REWARD_REFIT_MODE", "reward_alpha": "REWARD_ALPHA", "eval_samples": "EVAL_SAMPLES",
-        "gate_reward_confidence": "GATE_REWARD_CONFIDENCE", "gate_min_reward_gain": "GATE_MIN_REWARD_GAIN",
-        "kl_budget": "KL_BUDGET",
-        "gate_max_repetition": "GATE_MAX_REPETITION", "gate_min_length_ratio": "GATE_MIN_LENGTH_RATIO",
-        "gate_max_length_ratio": "GATE_MAX_LENGTH_RATIO", "gate_pair_tolerance": "GATE_PAIR_TOLERANCE",
-        "gate_min_pairs": "GATE_MIN_PAIRS", "seed": "ONLINE_SEED", "threads": "TRAINER_THREADS",
-    }
+    @classmethod
+    def from_settings(cls, knobs: Any, **overrides: Any) -> OnlineSettings:
+        """From the trainer's ``OnlineLoopSettings`` (or a mapping of knobs), validated."""
+        kw = dict(knobs.knobs() if hasattr(knobs, "knobs") else knobs)
+        kw.update(overrides)
+        s = cls(**{f.name: kw[f.name] for f in fields(cls) if f.name in kw})
+        s.validate()
+        return s
 
     @classmethod
     def from_env(cls, **overrides: Any) -> OnlineSettings:
-        kw: dict[str, Any] = {}
-        for f in fields(cls):
-            default = f.default
-            cast = type(default) if not isinstance(default, bool) else bool
-            kw[f.name] = _env(cls._ENV[f.name], default, cast)
-        kw.update(overrides)
-        s = cls(**kw)
-        s.validate()
-        return s
+        """The knobs from the environment (``PALM_RLHF_<NAME>``) over the defaults."""
+        from services.common.settings import OnlineLoopSettings
+
+        return cls.from_settings(OnlineLoopSettings.load(), **overrides)
 
     def validate(self) -> None:
         parse_scorer(self.reward_scorer)
@@ -301,17 +277,25 @@ class ServiceClients:
     SCORE_CHUNK = 64
 
     def __init__(self, reference_addr: str, reward_addr: str, admin_token: str | None = None,
-                 max_message_bytes: int | None = None, timeout: float = 120.0):
-        from services.common.client import create_sync_channel
+                 max_message_bytes: int | None = None, timeout: float = 120.0, retry=None):
+        from services.common.client import DEFAULT_RETRY, create_sync_channel
         from services.common.config import DEFAULT_MAX_MESSAGE_BYTES
 
         mb = max_message_bytes or DEFAULT_MAX_MESSAGE_BYTES
         self.reference_addr, self.reward_addr = reference_addr, reward_addr
-        self._ref_channel = create_sync_channel(reference_addr, max_message_bytes=mb)
-        self._reward_channel = create_sync_channel(reward_addr, max_message_bytes=mb)
+        # calls are retried by self.retry (a service restarting between two rounds' calls)
+        self._ref_channel = create_sync_channel(reference_addr, max_message_bytes=mb, retries=0)
+        self._reward_channel = create_sync_channel(reward_addr, max_message_bytes=mb, retries=0)
         self.admin_token = admin_token
         self.timeout = timeout
+        self.retry = retry or DEFAULT_RETRY
         self._lock = threading.Lock()
+
+    def _call(self, method, request, **kw):
+        from services.common.client import call_with_retry_sync
+
+        return call_with_retry_sync(lambda t: method(request, timeout=t, **kw), timeout=self.timeout,
+                                    policy=self.retry)
 
     def _stubs(self):
         from palm_rlhf.proto.v1 import reference_pb2_grpc, reward_pb2_grpc
@@ -331,7 +315,7 @@ class ServiceClients:
                 reference_pb2.TokenSequence(prompt_token_ids=list(prompts[i]), response_token_ids=list(responses[i]))
                 for i in idx
             ])
-            reply = ref.LogProbs(req, timeout=self.timeout)
+            reply = self._call(ref.LogProbs, req)
             for i, r in zip(idx, reply.results):
                 out[i] = list(r.logprobs)
         return out
@@ -348,7 +332,7 @@ class ServiceClients:
             items = [reward_pb2.ScoreItem(prompt=p, responses=[r])
                      for p, r in zip(prompts[s : s + self.SCORE_CHUNK], responses[s : s + self.SCORE_CHUNK])]
             req = reward_pb2.ScoreRequest(items=items, scorer=names[0], all_scorers=len(names) > 1)
-            reply = reward.Score(req, timeout=self.timeout)
+            reply = self._call(reward.Score, req)
             for item in reply.results:
                 sc = item.scores[0]
                 if len(names) == 1:
@@ -362,8 +346,8 @@ class ServiceClients:
         from services.common.client import admin_metadata
 
         _, reward = self._stubs()
-        reply = reward.LoadVersion(common_pb2.LoadVersionRequest(version=version), timeout=self.timeout,
-                                   metadata=admin_metadata(self.admin_token))
+        reply = self._call(reward.LoadVersion, common_pb2.LoadVersionRequest(version=version),
+                           metadata=admin_metadata(self.admin_token))
         return reply.version
 
     def close(self) -> None:
@@ -863,13 +847,15 @@ def _json_safe(x: Any) -> Any:
     return x
 
 
-def make_update_fn(args: argparse.Namespace) -> OnlineLoop:
-    """The factory the trainer service calls (``--update-fn services.trainer.loop:make_update_fn``)."""
+def make_update_fn(args) -> OnlineLoop:
+    """The factory the trainer service calls (``--update-fn services.trainer.loop:make_update_fn``);
+    ``args``: the trainer's settings (services/common/settings.py, TrainerSettings)."""
     from services.common.config import torch_device
 
     data_dir = Path(args.data_dir)
     database_url = getattr(args, "database_url", None) or f"sqlite:///{data_dir.resolve() / 'feedback.db'}"
     clients = ServiceClients(args.reference_addr, args.reward_addr, getattr(args, "admin_token", None),
                              getattr(args, "max_message_bytes", None))
-    return OnlineLoop(data_dir, database_url, clients, OnlineSettings.from_env(),
-                      device=torch_device(getattr(args, "device", "cpu")))
+    online = getattr(args, "online", None)
+    knobs = OnlineSettings.from_settings(online) if online is not None else OnlineSettings.from_env()
+    return OnlineLoop(data_dir, database_url, clients, knobs, device=torch_device(getattr(args, "device", "cpu")))

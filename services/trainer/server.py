@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import importlib
 import logging
@@ -12,6 +11,7 @@ import grpc
 from palm_rlhf.proto.v1 import trainer_pb2, trainer_pb2_grpc
 from services.common.metrics import ServiceMetrics
 from services.common.server import serve_app
+from services.common.settings import TrainerSettings
 from services.trainer.core import RoundSchedule, TrainerCore, UpdateFn
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
         return trainer_pb2.RollbackResponse(version=new, previous_version=old)
 
 
-def load_update_fn(spec: str | None, args: argparse.Namespace) -> UpdateFn | None:
+def load_update_fn(spec: str | None, args: TrainerSettings) -> UpdateFn | None:
     """``module:factory`` -> factory(args), the update callable; None for the default."""
     if not spec:
         return None
@@ -59,7 +59,7 @@ class TrainerApp:
     admin_methods = frozenset({f"/{SERVICE}/Trigger", f"/{SERVICE}/Rollback"})
     long_lived_methods = frozenset({f"/{SERVICE}/WatchVersions"})
 
-    def __init__(self, args: argparse.Namespace, update_fn: UpdateFn | None = None):
+    def __init__(self, args: TrainerSettings, update_fn: UpdateFn | None = None):
         self.args = args
         self.metrics = ServiceMetrics("trainer")
         schedule = RoundSchedule(after_feedback=int(getattr(args, "round_after_feedback", 0) or 0),
@@ -91,5 +91,5 @@ class TrainerApp:
         pass
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: TrainerSettings) -> int:
     return asyncio.run(serve_app(args, TrainerApp(args)))

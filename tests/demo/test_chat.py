@@ -177,3 +177,35 @@ def test_chat_command_int8_chats_with_a_quantized_model(tiny_checkpoint, python,
     proc = subprocess.run([python, "-m", "palm_rlhf.cli", *argv, "--int8"], check=False, capture_output=True,
                           text=True, timeout=120, env=cli_env)
     assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr
+
+
+def test_fit_messages_drops_whole_exchanges_oldest_first_and_keeps_system_and_latest():
+    from palm_rlhf.chat import fit_messages
+
+    msgs = [
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": "u1"},
+        {"role": "assistant", "content": "a1"},
+        {"role": "user", "content": "u2"},
+        {"role": "assistant", "content": "a2a"},
+        {"role": "assistant", "content": "a2b"},
+        {"role": "user", "content": "u3"},
+    ]
+    assert fit_messages(msgs, lambda kept: True) == (msgs, 0)
+    kept, dropped = fit_messages(msgs, lambda kept: len(kept) <= 5)
+    assert dropped == 2 and [m["content"] for m in kept] == ["s", "u2", "a2a", "a2b", "u3"]
+    kept, dropped = fit_messages(msgs, lambda kept: len(kept) <= 4)  # an exchange goes whole
+    assert dropped == 5 and [m["content"] for m in kept] == ["s", "u3"]
+    assert fit_messages(msgs, lambda kept: len(kept) <= 1) is None  # the latest turn cannot go
+    # a conversation opening with an assistant turn loses that turn first
+    lead = [{"role": "assistant", "content": "hi"}, *msgs[1:]]
+    kept, dropped = fit_messages(lead, lambda kept: len(kept) <= 6)
+    assert dropped == 1 and kept[0]["content"] == "u1"
+
+
+def test_clean_response_cuts_at_the_first_newline_or_stop_string():
+    from palm_rlhf.chat import clean_response
+
+    assert clean_response(" I am fine.\nUser: and you?") == "I am fine."
+    assert clean_response(" I am fine. Bye", ["Bye", "fine"]) == "I am"
+    assert clean_response(" tab\tand\x07bell ") == "tab\tandbell"

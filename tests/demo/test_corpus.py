@@ -90,3 +90,107 @@ def test_script_writes_corpus_and_prompts(tmp_path):
 def test_negative_size_is_rejected():
     with pytest.raises(ValueError, match="size"):
         C.generate_exchanges(0, -1)
+
+
+def _stage_recipes(metadata: dict) -> list[tuple[dict, dict]]:
+    """(recipe, figures) of the shipped model and of every stage it was continued from."""
+    out = []
+    while metadata:
+        out.append((metadata["recipe"], metadata["figures"]))
+        metadata = metadata.get("continued_from", {}).get("metadata")
+    return out
+
+
+def test_the_shipped_demo_model_was_trained_on_this_corpus():
+    """The token counts the manifest recorded at build time are those of the corpus generated
+    today, for every training stage: editing a template file changes the corpus and fails here."""
+    import json
+
+    from palm_rlhf.demo import ASSETS_DIR, DEMO_VERSION
+
+    manifest = json.loads((ASSETS_DIR / DEMO_VERSION / "manifest.json").read_text())
+    stages = _stage_recipes(manifest["metadata"])
+    assert len(stages) == 2
+    tok = ByteTokenizer()
+    for recipe, figures in stages:
+        texts = [e.text() for e in C.generate_exchanges(recipe["seed"], recipe["corpus_size"])]
+        tokens = sum(len(C.encode_exchange(tok, t)) for t in texts)
+        assert tokens == figures["corpus_tokens"], recipe
+
+
+def test_the_shipped_prompt_list_is_the_held_out_prompt_list():
+    from palm_rlhf.demo import ASSETS_DIR
+
+    shipped = (ASSETS_DIR / "prompts.txt").read_text(encoding="utf-8")
+    assert shipped == "".join(p + "\n" for p in C.held_out_prompts(0, 300))
+
+
+def test_template_data_is_read_from_the_asset_files():
+    import json
+
+    topics = json.loads((C.DATA_DIR / "topics.json").read_text(encoding="utf-8"))
+    assert [t.name for t in C.TOPICS] == [t["name"] for t in topics]
+    assert C.TOPICS[0].questions == tuple(topics[0]["questions"])
+    assert C.TOPICS[0].slots == tuple((k, tuple(v)) for k, v in topics[0]["slots"].items())
+    slots = json.loads((C.DATA_DIR / "slots.json").read_text(encoding="utf-8"))
+    assert C.COMMON_SLOTS == {k: tuple(v) for k, v in slots.items()}
+    answers = json.loads((C.DATA_DIR / "answers.json").read_text(encoding="utf-8"))
+    assert C.GENERIC_ANSWERS == {k: tuple(v) for k, v in answers["generic"].items()}
+    assert C.QUESTION_PREFIXES == tuple(answers["question_prefixes"])
+
+
+def test_every_template_slot_has_values():
+    """Each ``{slot}`` of every template resolves for its topic (an unknown one would only fail
+    when the generator happens to draw that template)."""
+    pattern = re.compile(r"\{(\w+)\}")
+    for topic in C.TOPICS:
+        known = set(C.COMMON_SLOTS) | {name for name, _ in topic.slots} | {"thing"}
+        texts = [*topic.questions, *topic.cheerful, *topic.gloomy, *topic.neutral, *topic.things]
+        texts += [v for _, values in topic.slots for v in values]
+        texts += [
+            t for table in (C.GENERIC_ANSWERS, C.OPENERS, C.CLOSERS) for ts in table.values() for t in ts
+        ]
+        for text in texts:
+            for slot in pattern.findall(text):
+                assert slot.lower() in known, (topic.name, text)
+
+
+@pytest.mark.parametrize(
+    ("entry", "error", "match"),
+    [
+        (
+            {"name": "x", "slots": {}, "questions": ["Q?"], "cheerful": ["A."], "gloomy": ["A."]},
+            ValueError,
+            "keys",
+        ),
+        (
+            {
+                "name": "x",
+                "slots": {},
+                "questions": [],
+                "cheerful": ["A."],
+                "gloomy": ["A."],
+                "neutral": ["A."],
+                "things": ["t"],
+            },
+            ValueError,
+            r"\(x\)\.questions: expected a non-empty list",
+        ),
+        (
+            {
+                "name": "x",
+                "slots": [],
+                "questions": ["Q?"],
+                "cheerful": ["A."],
+                "gloomy": ["A."],
+                "neutral": ["A."],
+                "things": ["t"],
+            },
+            TypeError,
+            r"\(x\)\.slots",
+        ),
+    ],
+)
+def test_a_malformed_topic_is_reported_with_its_place(entry, error, match):
+    with pytest.raises(error, match=match):
+        C._topic(entry, "topics.json[3]")

@@ -238,6 +238,23 @@ class FakeBackends:
         pass
 
 
+class FakeContext:
+    """The served model's context as the policy would report it: byte tokens plus BOS."""
+
+    def __init__(self, max_seq_len: int = 256, max_new_tokens: int | None = 48, max_prompt_tokens: int | None = None):
+        from services.gateway.conversation import ContextLimits
+
+        self.value = ContextLimits(
+            max_seq_len=max_seq_len,
+            count_tokens=lambda text: 1 + len(text.encode("utf-8")),
+            max_prompt_tokens=max_prompt_tokens,
+            max_new_tokens=max_new_tokens,
+        )
+
+    async def limits(self):
+        return self.value
+
+
 @pytest.fixture
 def fake_backends() -> FakeBackends:
     return FakeBackends()
@@ -279,15 +296,19 @@ REPO = Path(__file__).resolve().parents[2]
 GRPC_LISTEN = re.compile(r"^(\w+) listening on \S+:(\d+) \(grpc\)")
 HTTP_LISTEN = re.compile(r"^gateway listening on \S+:(\d+) \(http\)")
 E2E_KEY = "sk-e2e-test-key"
+E2E_ADMIN_TOKEN = "adm-e2e-test-token"  # given to the gateway through PALM_RLHF_ADMIN_TOKEN_FILE
 
 
 class Proc:
     """A ``palm-rlhf serve ROLE`` child process on an ephemeral port (read from its output)."""
 
-    def __init__(self, role: str, args: list[str], log_dir: Path, pattern: re.Pattern):
+    def __init__(
+        self, role: str, args: list[str], log_dir: Path, pattern: re.Pattern, env: dict[str, str] | None = None
+    ):
         self.role = role
         self.log_path = log_dir / f"{role}-{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "w")  # noqa: SIM115 -- closed in stop()
+        extra_env = env or {}
         env = dict(os.environ, PYTHONUNBUFFERED="1", PALM_RLHF_DEMO_AUTOBUILD="0")
         for k in (
             "PALM_RLHF_API_KEYS",
@@ -296,6 +317,7 @@ class Proc:
             "PALM_RLHF_ADMIN_TOKEN",
         ):
             env.pop(k, None)
+        env.update(extra_env)
         cmd = [
             sys.executable,
             "-m",
@@ -404,12 +426,15 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
         keys = root / "api-keys.txt"
         keys.write_text(f"# test keys\n{E2E_KEY}\n")
         db = root / "feedback.db"
+        admin_file = root / "admin-token"
+        admin_file.write_text(E2E_ADMIN_TOKEN + "\n")
         gateway = Proc(
             "gateway",
             ["--data-dir", str(root), "--policy-addr", policy.addr, "--reward-addr", reward.addr,
              "--api-keys-file", str(keys), "--database-url", f"sqlite:///{db}", "--rate-limit", "off"],
             logs,
             HTTP_LISTEN,
+            env={"PALM_RLHF_ADMIN_TOKEN_FILE": str(admin_file)},
         )  # fmt: skip
         procs.append(gateway)
         gateway.wait_bound()

@@ -164,16 +164,33 @@ def test_idempotency_key_makes_a_retry_count_once_with_the_same_response(fake_ba
 
 
 def test_export_streams_jsonl_of_the_whole_interaction(fake_backends, sqlite_store):
-    client = make_client(fake_backends, sqlite_store)
+    client = make_client(fake_backends, sqlite_store, admin_token="adm")
+    admin = {"Authorization": "Bearer adm"}
     ids = [chat(client, best_of=2).json()["id"] for _ in range(3)]
     client.post("/v1/feedback", json={"completion_id": ids[1], "choice_index": 1, "thumbs": "down"})
-    r = client.get("/v1/feedback/export")
+    assert client.get("/v1/feedback/export").status_code == 403  # without keys, still the admin's
+    r = client.get("/v1/feedback/export", headers=admin)
     assert r.status_code == 200 and r.headers["content-type"].startswith("application/x-ndjson")
     lines = [json.loads(x) for x in r.text.splitlines()]
     assert [d["id"] for d in lines] == ids
     assert lines[1]["feedback"][0]["choice_index"] == 1 and len(lines[1]["candidates"]) == 2
-    only = client.get("/v1/feedback/export", params={"with_feedback_only": "true"}).text.splitlines()
-    assert [json.loads(x)["id"] for x in only] == [ids[1]]
+    only = client.get("/v1/feedback/export", params={"with_feedback_only": "true"}, headers=admin)
+    assert [json.loads(x)["id"] for x in only.text.splitlines()] == [ids[1]]
+
+
+def test_export_without_an_admin_token_is_refused_unless_open(fake_backends, sqlite_store):
+    client = make_client(fake_backends, sqlite_store)
+    chat(client)
+    for headers in ({}, {"Authorization": "Bearer anything"}):
+        err = client.get("/v1/feedback/export", headers=headers)
+        assert err.status_code == 403, err.text
+        body = err.json()["error"]
+        assert body["type"] == "permission_error"
+        assert "--admin-token" in body["message"] and "PALM_RLHF_ADMIN_TOKEN_FILE" in body["message"]
+    # a gateway run with --insecure-no-auth on loopback (and no admin token) leaves it open
+    open_client = make_client(fake_backends, sqlite_store, open_admin=True)
+    r = open_client.get("/v1/feedback/export")
+    assert r.status_code == 200 and len(r.text.splitlines()) == 1
 
 
 def test_api_keys_are_required_when_configured(fake_backends, sqlite_store):

@@ -93,5 +93,11 @@ def test_chat_and_feedback_from_the_web_page(stack):
             texts = [items.nth(i).locator(".candidate-text").text_content() for i in range(3)]
             assert texts == [c.text or "(empty)" for c in rec.candidates]
             assert rec.messages == [{"role": "user", "content": "What a lovely morning!"}]
+            # an answer cut by its token limit carries a visible marker, any other does not
+            if rec.candidates[0].finish_reason == "length":
+                expect(answer.locator(".cut")).to_be_visible()
+                expect(answer.locator(".cut")).to_contain_text("cut: length")
+            else:
+                expect(answer.locator(".cut")).to_be_hidden()
         finally:
             browser.close()

@@ -37,8 +37,12 @@ def _use_gpu() -> bool:
 
 if not _use_gpu():
     os.environ["TRITON_INTERPRET"] = "1"
-# One pinned tile configuration per kernel instead of autotuning.
-os.environ.setdefault("PALM_RLHF_KERNELS_AUTOTUNE", "0")
+# One pinned tile configuration per kernel instead of autotuning (unless the environment
+# asks for autotuning explicitly).
+if "PALM_RLHF_KERNELS_AUTOTUNE" not in os.environ:
+    from kernels import settings as _settings
+
+    _settings.update(autotune=False)
 
 for _name in ("kernels.attention", "kernels.swiglu"):
     _module = sys.modules.get(_name)
@@ -51,6 +55,6 @@ def _restore_backend() -> Iterator[None]:
     """Tests may switch the dispatch backend; put it back afterwards."""
     from kernels import dispatch
 
-    previous = dispatch.get_backend()
+    previous = dispatch._backend.get()  # None: the context had not chosen one
     yield
-    dispatch.set_backend(previous)
+    dispatch._backend.set(previous)

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from kernels import attention as A
+from kernels import settings
 from kernels import swiglu as S
-from kernels._runtime import AUTOTUNE_ENV, config_pruner, select_configs
+from kernels._runtime import config_pruner, select_configs
 
 H100_SMEM = 227 * 1024
 
@@ -34,13 +35,25 @@ def _args(dtype: torch.dtype, block_d: int, seq_bucket: int = 4096) -> dict:
 
 
 @pytest.fixture
+def autotune_on():
+    with settings.override(autotune=True):
+        yield
+
+
+@pytest.fixture
+def autotune_off():
+    with settings.override(autotune=False):
+        yield
+
+
+@pytest.fixture
 def h100_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(A, "_budget_for", lambda t: H100_SMEM)
 
 
 @pytest.mark.usefixtures("h100_budget")
-def test_pruner_applies_head_dim_limits_and_shared_memory(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(AUTOTUNE_ENV, "1")
+@pytest.mark.usefixtures("autotune_on")
+def test_pruner_applies_head_dim_limits_and_shared_memory() -> None:
     configs = select_configs(A._FWD_TABLE, A._FWD_INTERPRETER, built_for_interpreter=False)
     prune = config_pruner(A._keep_fwd)
 
@@ -58,8 +71,8 @@ def test_pruner_applies_head_dim_limits_and_shared_memory(monkeypatch: pytest.Mo
 
 
 @pytest.mark.usefixtures("h100_budget")
-def test_without_autotuning_the_first_suitable_row_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(AUTOTUNE_ENV, "0")
+@pytest.mark.usefixtures("autotune_off")
+def test_without_autotuning_the_first_suitable_row_is_used() -> None:
     for table, keep in ((A._FWD_TABLE, A._keep_fwd), (A._DKDV_TABLE, A._keep_dkdv), (A._DQ_TABLE, A._keep_dq)):
         configs = select_configs(table, {}, built_for_interpreter=False)
         for block_d in (64, 128):
@@ -69,8 +82,8 @@ def test_without_autotuning_the_first_suitable_row_is_used(monkeypatch: pytest.M
             assert (chosen.num_warps, chosen.num_stages) == (first["num_warps"], first["num_stages"])
 
 
-def test_pruner_never_returns_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(AUTOTUNE_ENV, "1")
+@pytest.mark.usefixtures("autotune_on")
+def test_pruner_never_returns_nothing() -> None:
     configs = select_configs(S._TABLE, S._INTERPRETER, built_for_interpreter=False)
     kept = config_pruner(lambda c, a: False)(configs, {"n_cols": 10})
     assert [c.kwargs["BLOCK"] for c in kept] == [min(r["BLOCK"] for r in S._TABLE)]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ import torch.nn.functional as F
 from _kernel_testing import DEVICE, assert_close, attention_ref
 
 from kernels import attention as attention_module
-from kernels import dispatch
+from kernels import dispatch, settings
 from kernels import swiglu as swiglu_module
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,6 +48,56 @@ def test_set_backend_validates_and_use_backend_restores() -> None:
     with dispatch.use_backend("triton"):
         assert dispatch.get_backend() == "triton"
     assert dispatch.get_backend() == "torch"
+
+
+def test_a_thread_choosing_a_backend_leaves_other_threads_alone() -> None:
+    dispatch.set_backend("torch")
+    chosen, seen = threading.Event(), []
+
+    def other() -> None:
+        with dispatch.use_backend("triton"):
+            chosen.set()
+            seen.append(dispatch.get_backend())
+            release.wait(10)
+        seen.append(dispatch.get_backend())
+
+    release = threading.Event()
+    worker = threading.Thread(target=other)
+    worker.start()
+    try:
+        assert chosen.wait(10)
+        assert dispatch.get_backend() == "torch"  # the worker's choice stays in the worker
+    finally:
+        release.set()
+        worker.join(10)
+    assert seen == ["triton", settings.current().backend]  # a new thread starts from the default
+    assert dispatch.get_backend() == "torch"
+
+
+def test_concurrent_tasks_each_keep_their_own_backend() -> None:
+    async def task(name: str, out: dict) -> None:
+        with dispatch.use_backend(name):
+            await asyncio.sleep(0.01)  # the other task switches in between
+            out[name] = dispatch.get_backend()
+
+    async def main() -> dict:
+        out: dict = {}
+        await asyncio.gather(task("torch", out), task("triton", out))
+        return out
+
+    assert asyncio.run(main()) == {"torch": "torch", "triton": "triton"}
+
+
+def test_the_environment_is_read_once_and_never_written(monkeypatch: pytest.MonkeyPatch) -> None:
+    before = dict(os.environ)
+    with settings.override(backend="torch"):
+        assert dispatch.get_backend() == "torch"
+        monkeypatch.setenv("PALM_RLHF_KERNELS", "triton")
+        assert dispatch.get_backend() == "torch"  # not re-read behind the caller's back
+    with dispatch.use_backend("triton"):
+        pass
+    monkeypatch.delenv("PALM_RLHF_KERNELS")
+    assert dict(os.environ) == before
 
 
 def test_backend_env_var(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -20,8 +20,9 @@ TOKEN = "cli-admin-token"
 LISTEN = re.compile(r".*listening on \S+:(\d+)")
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
+def cli(*args: str, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PALM_RLHF_")}
+    env.update(extra_env or {})
     return subprocess.run([sys.executable, "-m", "palm_rlhf.cli", *args], capture_output=True, text=True,
                           timeout=120, cwd=REPO, env=env, check=False)
 
@@ -79,3 +80,25 @@ def test_status_trigger_and_rollback_commands(trainer):
     assert r.returncode == 0 and '"version": "v0002"' in r.stdout
     r = cli("trainer", "rollback", "--trainer-addr", addr, "--admin-token", TOKEN, "--to", "v0099")
     assert r.returncode == 1 and "NOT_FOUND" in r.stdout
+
+
+def test_the_token_comes_from_the_environment_a_file_or_ups_data_dir(trainer, tmp_path_factory):
+    addr, _ = trainer
+    r = cli("trainer", "trigger", "--trainer-addr", addr, extra_env={"PALM_RLHF_ADMIN_TOKEN": TOKEN})
+    assert r.returncode == 0, r.stdout + r.stderr
+
+    elsewhere = tmp_path_factory.mktemp("token-file")
+    (elsewhere / "t").write_text(TOKEN + "\n")
+    r = cli("trainer", "trigger", "--trainer-addr", addr, "--admin-token-file", str(elsewhere / "t"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = cli("trainer", "trigger", "--trainer-addr", addr, extra_env={"PALM_RLHF_ADMIN_TOKEN_FILE": str(elsewhere / "t")})
+    assert r.returncode == 0, r.stdout + r.stderr
+
+    # where `palm-rlhf up` keeps it: DATA_DIR/admin-token
+    r = cli("trainer", "trigger", "--trainer-addr", addr, "--data-dir", str(elsewhere))
+    assert r.returncode == 1 and "UNAUTHENTICATED" in r.stdout
+    (elsewhere / "admin-token").write_text(TOKEN + "\n")
+    r = cli("trainer", "trigger", "--trainer-addr", addr, "--data-dir", str(elsewhere))
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = cli("trainer", "trigger", "--trainer-addr", addr, extra_env={"PALM_RLHF_DATA_DIR": str(elsewhere)})
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import urllib.request
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from palm_rlhf.generation import SamplingParams, generate_tokens
 from palm_rlhf.proto.v1 import common_pb2, policy_pb2, policy_pb2_grpc
@@ -78,12 +80,26 @@ def test_stop_token_ids_end_a_candidate_without_the_stop_token(stub):
     assert list(stopped.token_ids) == list(free.token_ids[:first])
 
 
-def test_text_stop_sequence_truncates_text(stub):
-    prompt = [1, 50, 60, 70]
+def _printable_after_first(text: str) -> list[str]:
+    return [ch for ch in text[1:] if ch.isascii() and ch.isprintable()]
+
+
+def test_text_stop_sequence_truncates_text(stub, tiny_model):
+    from palm_rlhf.tokenizer import ByteTokenizer
+
+    # a prompt whose greedy answer (same weights as the service's v0001) has a printable
+    # character to stop on, chosen in-process so that the test never depends on luck
+    tok = ByteTokenizer()
+    sp = SamplingParams(max_new_tokens=16, temperature=0, stop_token_ids=(tok.eos_id,))
+    prompt = next(
+        (p for p in ([1, 50, 60, 70], [1, 72, 105], [1, 40, 41, 42], [1, 100, 101], [1, 33, 44, 55], [1, 80])
+         if _printable_after_first(tok.decode(generate_tokens(tiny_model, [p], sp)[0][0].token_ids))),
+        None,
+    )
+    assert prompt is not None, "no candidate prompt makes the test model write printable ASCII"
     free = gen(stub, [prompt], temperature=0, max_new_tokens=16).results[0].candidates[0]
-    ascii_chars = [ch for ch in free.text[1:] if ch.isascii() and ch.isprintable()]
-    if not ascii_chars:
-        pytest.skip("the random model produced no printable ASCII to stop on")
+    ascii_chars = _printable_after_first(free.text)
+    assert ascii_chars, f"the service's greedy answer {free.text!r} differs from the in-process one"
     stop = ascii_chars[0]
     stopped = gen(stub, [prompt], temperature=0, max_new_tokens=16, stop=[stop]).results[0].candidates[0]
     assert stopped.finish_reason == P.FINISH_REASON_STOP
@@ -177,6 +193,36 @@ def test_load_version_needs_the_admin_token_and_knows_versions(stub):
     assert err.code() == grpc.StatusCode.NOT_FOUND
 
 
+_MISSING = object()
+
+
+def scrape(url: str) -> list:
+    """The samples of a Prometheus endpoint, parsed (HELP and TYPE lines are not samples)."""
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    return [s for family in text_string_to_metric_families(text) for s in family.samples]
+
+
+def scrape_until(url: str, ready, timeout: float = 10.0) -> list:
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = scrape(url)
+        if ready(samples) or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.05)
+
+
+def sample(samples: list, name: str, labels: dict[str, str] | None = None, default=_MISSING) -> float:
+    """The value of the one sample ``name`` whose labels include ``labels``; a missing sample
+    fails the test unless a ``default`` is given."""
+    labels = labels or {}
+    found = [s.value for s in samples if s.name == name and labels.items() <= s.labels.items()]
+    assert len(found) <= 1, f"{name}{labels} matches {len(found)} samples"
+    if not found:
+        assert default is not _MISSING, f"no sample {name}{labels} in the metrics"
+        return default
+    return found[0]
+
+
 def test_health_reflection_and_metrics(policy_proc, stub):
     with create_sync_channel(policy_proc.addr) as ch:
         health = health_pb2_grpc.HealthStub(ch)
@@ -187,14 +233,31 @@ def test_health_reflection_and_metrics(policy_proc, stub):
                                                  timeout=5))
         names = {s.name for s in replies[0].list_services_response.service}
     assert {"palm_rlhf.v1.Policy", "grpc.health.v1.Health"} <= names
-    gen(stub, ["metrics"], max_new_tokens=4)
-    text = urllib.request.urlopen(policy_proc.metrics_url, timeout=5).read().decode()
-    assert metric_value(text, "palm_rlhf_grpc_requests_total", method="Generate", code="OK") >= 1
-    assert metric_value(text, "palm_rlhf_grpc_request_seconds_count", method="Generate") >= 1
-    assert metric_value(text, "palm_rlhf_tokens_generated_total") >= 4
-    assert metric_value(text, "palm_rlhf_grpc_requests_total", code="INVALID_ARGUMENT") >= 0
-    for name in ("palm_rlhf_queue_depth", "palm_rlhf_batch_size_count", "palm_rlhf_model_version"):
-        assert name in text
+
+    url = policy_proc.metrics_url
+    before = scrape(url)
+    reply = gen(stub, ["metrics"], max_new_tokens=4)
+    tokens = sum(len(c.token_ids) for r in reply.results for c in r.candidates)
+    assert tokens >= 1
+    assert rpc_error(gen, stub, []).code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    def grown(samples, name, labels=None, default=_MISSING) -> float:
+        return sample(samples, name, labels, default) - sample(before, name, labels, default=0.0)
+
+    ok = {"method": "Generate", "code": "OK"}
+    bad = {"method": "Generate", "code": "INVALID_ARGUMENT"}
+    # the counters move when a call has ended, which may be just after the client has its reply
+    after = scrape_until(url, lambda s: grown(s, "palm_rlhf_grpc_requests_total", ok, 0.0) >= 1
+                         and grown(s, "palm_rlhf_grpc_requests_total", bad, 0.0) >= 1
+                         and grown(s, "palm_rlhf_tokens_generated_total", None, 0.0) >= tokens)
+    assert grown(after, "palm_rlhf_grpc_requests_total", ok) == 1
+    assert grown(after, "palm_rlhf_grpc_requests_total", bad) == 1
+    assert grown(after, "palm_rlhf_grpc_request_seconds_count", {"method": "Generate"}) == 2
+    assert grown(after, "palm_rlhf_tokens_generated_total") == tokens
+    assert grown(after, "palm_rlhf_batch_size_count") >= 1
+    assert sample(after, "palm_rlhf_queue_depth") == 0  # nothing left waiting
+    assert sample(after, "palm_rlhf_model_version") == 1  # v0001
+    assert sample(after, "palm_rlhf_model_version_info", {"version": "v0001"}) == 1
 
 
 async def _concurrent(addr: str, k: int, **params):

@@ -6,9 +6,9 @@ import grpc
 import pytest
 
 from palm_rlhf.proto.v1 import common_pb2, reward_pb2, reward_pb2_grpc
-from services.common.client import create_sync_channel
+from services.common.client import admin_metadata, create_sync_channel
 
-from .conftest import make_data_dir, rpc_error
+from .conftest import ADMIN_TOKEN, make_data_dir, rpc_error
 
 W = reward_pb2
 
@@ -16,7 +16,8 @@ W = reward_pb2
 @pytest.fixture(scope="module")
 def reward(spawn, tmp_path_factory):
     data = make_data_dir(tmp_path_factory.mktemp("reward-data"))
-    proc = spawn("reward", data, "--max-batch", "6").wait_ready()
+    # the admin token comes from the environment, as `palm-rlhf up` and Kubernetes pass it
+    proc = spawn("reward", data, "--max-batch", "6", env={"PALM_RLHF_ADMIN_TOKEN": ADMIN_TOKEN}).wait_ready()
     with create_sync_channel(proc.addr) as ch:
         yield reward_pb2_grpc.RewardStub(ch), data
 
@@ -73,7 +74,10 @@ def test_model_info_and_versions(reward):
     assert info.kind == "reward" and info.version == "v0001"
     assert list(info.scorers) == ["learned", "sentiment"] and info.default_scorer == "learned"
     assert '"num_binned_output": 5' in info.config_json
-    assert rpc_error(stub.LoadVersion, common_pb2.LoadVersionRequest(version="v0009"), timeout=10).code() == \
-        grpc.StatusCode.NOT_FOUND
-    same = stub.LoadVersion(common_pb2.LoadVersionRequest(version=""), timeout=30)
+    md = admin_metadata(ADMIN_TOKEN)
+    assert rpc_error(stub.LoadVersion, common_pb2.LoadVersionRequest(version=""), timeout=10).code() == \
+        grpc.StatusCode.UNAUTHENTICATED
+    assert rpc_error(stub.LoadVersion, common_pb2.LoadVersionRequest(version="v0009"), timeout=10,
+                     metadata=md).code() == grpc.StatusCode.NOT_FOUND
+    same = stub.LoadVersion(common_pb2.LoadVersionRequest(version=""), timeout=30, metadata=md)
     assert (same.version, same.previous_version) == ("v0001", "v0001")

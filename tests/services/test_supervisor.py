@@ -412,6 +412,35 @@ def test_ready_is_announced_only_after_every_child_said_so_itself(system):
     assert chat(system.port) == 200
 
 
+def test_running_children_have_the_token_in_their_environment_only(system):
+    token_file = system.data_dir / "admin-token"
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    token = token_file.read_text().strip()
+    assert system.wait_for(f"admin token written to {token_file.resolve()}", 0) >= 0
+    assert not any(token in line for line in system.lines)  # printed where it is, not what it is
+    roles = {role for role, _ in system.alive_children()}
+    assert roles >= {"policy", "reference", "reward", "trainer", "gateway"}
+    for role, pid in system.alive_children():
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        assert token.encode() not in cmdline and b"--admin-token" not in cmdline, role
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        assert f"PALM_RLHF_ADMIN_TOKEN={token}".encode() in environ, role
+
+
+def test_admin_calls_need_the_generated_token(system):
+    from clients import NO_RETRY, ClientError, TrainerClient
+
+    trainer_addr = next(line.split(" on ")[-1] for line in system.lines if "started trainer (pid" in line)
+    token = (system.data_dir / "admin-token").read_text().strip()
+    with TrainerClient(trainer_addr, retry=NO_RETRY, timeout=30) as anonymous, pytest.raises(ClientError) as ei:
+        anonymous.rollback("v0077")
+    assert ei.value.code == grpc.StatusCode.UNAUTHENTICATED
+    with TrainerClient(trainer_addr, admin_token=token, retry=NO_RETRY, timeout=30) as admin, \
+            pytest.raises(ClientError) as ei:
+        admin.rollback("v0077")
+    assert ei.value.code == grpc.StatusCode.NOT_FOUND  # past the token check: the version is unknown
+
+
 def test_killed_reference_and_trainer_restart_while_chat_keeps_answering(system):
     start = len(system.lines)
     old = {r: system.pid(r) for r in ("reference", "trainer")}
@@ -484,3 +513,39 @@ def test_sighup_stops_every_child(tmp_path):
         up.wait_for("all services stopped", 5)
     finally:
         up.cleanup()
+
+
+# --------------------------------------------------------------------------------------------
+# secrets: the admin token and the database URL reach the children by environment, never argv
+
+
+def test_planned_children_get_secrets_by_environment_not_argv(tmp_path, monkeypatch):
+    from services.common.settings import UpSettings
+
+    for k in list(os.environ):
+        if k.startswith("PALM_RLHF_"):
+            monkeypatch.delenv(k)
+    secret, url = "tok-" + "x" * 20, "postgresql://app:pa55word@db:5432/fb"
+    a = UpSettings.load({"data_dir": tmp_path, "admin_token": secret, "database_url": url, "free_ports": True})
+    sup = Supervisor(a, out=io.StringIO())
+    sup.plan()
+    assert {c.name for c in sup.children} >= {"policy", "reference", "reward", "trainer"}
+    for c in sup.children:
+        argv = " ".join(c.cmd)
+        assert secret not in argv and "pa55word" not in argv and "--admin-token" not in argv, c.cmd
+        assert c.env["PALM_RLHF_ADMIN_TOKEN"] == secret and c.env["PALM_RLHF_DATABASE_URL"] == url
+
+
+def test_up_generates_a_private_admin_token_once(tmp_path):
+    from services.supervisor import ensure_admin_token
+
+    token, path, created = ensure_admin_token(tmp_path)
+    assert created and path == tmp_path / "admin-token" and len(token) >= 32
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert path.read_text().strip() == token
+    path.chmod(0o644)
+    again, _, created_again = ensure_admin_token(tmp_path)
+    assert (again, created_again) == (token, False)  # kept across restarts, so clients keep working
+    assert path.stat().st_mode & 0o777 == 0o600
+    other, _, _ = ensure_admin_token(tmp_path / "..")
+    assert other != token

@@ -90,8 +90,25 @@ def test_store_changes_made_elsewhere_are_announced(procs):
 
 def test_default_update_fn_reports_no_new_feedback(spawn, tmp_path_factory):
     data = make_data_dir(tmp_path_factory.mktemp("trainer-noop"))
+    token_file = data / "token"
+    token_file.write_text(ADMIN_TOKEN + "\n")
+    trainer = spawn("trainer", data, "--admin-token-file", str(token_file)).wait_ready()
+    with create_sync_channel(trainer.addr) as ch:
+        r = trainer_pb2_grpc.TrainerStub(ch).Trigger(T.TriggerRequest(wait=True), timeout=30,
+                                                     metadata=admin_metadata(ADMIN_TOKEN))
+    assert not r.published and r.message == "no new feedback" and r.policy_version == "v0001"
+    assert trainer.terminate() == 0
+
+
+def test_admin_calls_are_refused_when_no_token_is_configured(spawn, tmp_path_factory):
+    data = make_data_dir(tmp_path_factory.mktemp("trainer-no-token"))
     trainer = spawn("trainer", data).wait_ready()
     with create_sync_channel(trainer.addr) as ch:
-        r = trainer_pb2_grpc.TrainerStub(ch).Trigger(T.TriggerRequest(wait=True), timeout=30)
-    assert not r.published and r.message == "no new feedback" and r.policy_version == "v0001"
+        stub = trainer_pb2_grpc.TrainerStub(ch)
+        for call, req in ((stub.Trigger, T.TriggerRequest(wait=True)), (stub.Rollback, T.RollbackRequest())):
+            for md in ((), admin_metadata("anything"), (("authorization", "Bearer "),)):
+                err = rpc_error(call, req, timeout=30, metadata=md)
+                assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+                assert "without an admin token" in err.details()
+        assert stub.Status(T.StatusRequest(), timeout=30).policy_version == "v0001"  # the rest stays open
     assert trainer.terminate() == 0

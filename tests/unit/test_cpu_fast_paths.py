@@ -1,6 +1,7 @@
-"""The CPU fast paths: oneDNN-reordered weights for inference matmuls, the shared buffer of the
-two output projections, and the one-token decode step. Each must give the plain computation's
-answer, and follow the weights when they change."""
+"""The CPU fast paths: oneDNN-reordered weights for inference matmuls (each op probed and
+checked per dtype), and the CPU decode runner (palm_rlhf/cpu_decode_runner.py), which must give
+the general path's answer (ParallelBlock.forward with a cache), follow the weights when they
+change, and be what the engine runs."""
 
 from __future__ import annotations
 
@@ -10,10 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from palm_rlhf import PaLM, cpu_linear
+from kernels import cpu_decode
+from palm_rlhf import PaLM, SamplingParams, cpu_decode_runner, cpu_linear, generate_tokens
 from palm_rlhf.generation import KVCache
 
-needs_packing = pytest.mark.skipif(not cpu_linear.enabled(), reason="oneDNN weight reordering is not available here")
+needs_packing = pytest.mark.skipif(
+    not cpu_linear.enabled(torch.float32), reason="oneDNN weight reordering is not available here for float32"
+)
+needs_kernel = pytest.mark.skipif(not cpu_decode.available(), reason="the CPU decode kernel could not be built here")
 
 
 def tiny(**kw) -> PaLM:
@@ -23,11 +28,22 @@ def tiny(**kw) -> PaLM:
     return PaLM(**base).eval()
 
 
+@pytest.fixture
+def fresh_packing(monkeypatch):
+    """Each dtype's oneDNN enablement decided afresh inside the test, and again afterwards."""
+    monkeypatch.setattr(cpu_linear, "_enabled", {})
+    monkeypatch.setattr(cpu_linear, "_forced_off", False)
+    yield
+    cpu_linear.clear()
+
+
 @needs_packing
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["output-major", "input-major"])
 @pytest.mark.parametrize("rows", [1, 2, 5, 16, 33, 300])
 def test_packed_linear_equals_f_linear(rows, layout, dtype):
+    if not cpu_linear.enabled(dtype):
+        pytest.skip(f"oneDNN weight reordering failed its check for {dtype} here")
     torch.manual_seed(rows)
     w = torch.randn(70, 48)
     if layout == "input-major":  # the layout of the fused projection in float32
@@ -53,14 +69,53 @@ def test_linear_add_equals_residual_plus_linear_and_leaves_the_residual_alone(ro
     torch.testing.assert_close(r, keep, rtol=0, atol=0)
 
 
+@pytest.mark.usefixtures("fresh_packing")
 def test_a_failing_self_check_turns_the_reordered_path_off(monkeypatch):
     monkeypatch.setattr(cpu_linear, "_apply", lambda x2, packed: torch.zeros(x2.shape[0], packed.shape[0]))
-    monkeypatch.setattr(cpu_linear, "_enabled", None)
-    monkeypatch.delenv("PALM_RLHF_CPU_PACKED", raising=False)
-    assert not cpu_linear.enabled()
+    assert not cpu_linear.enabled(torch.float32)
     w, x = torch.randn(30, 20), torch.randn(3, 20)
     with torch.no_grad():
         torch.testing.assert_close(cpu_linear.linear(x, w), F.linear(x, w))  # F.linear, not the broken path
+    assert id(w) not in cpu_linear._packs
+
+
+@needs_packing
+@pytest.mark.usefixtures("fresh_packing")
+def test_a_failing_residual_op_turns_the_reordered_path_off(monkeypatch):
+    """_linear_pointwise.binary (the decode step's output projection) is checked too."""
+    real = cpu_linear._apply_add
+    monkeypatch.setattr(cpu_linear, "_apply_add", lambda x2, packed, r: real(x2, packed, r) * 2)
+    assert not cpu_linear.enabled(torch.float32)
+
+
+@needs_packing
+@pytest.mark.usefixtures("fresh_packing")
+def test_a_dtype_that_fails_its_check_leaves_the_other_dtypes_on(monkeypatch):
+    """Enablement is per dtype: bfloat16 failing (as on CPUs without native bfloat16) keeps
+    float32 on oneDNN."""
+    real = cpu_linear._apply
+
+    def broken_in_bfloat16(x2, packed):
+        out = real(x2, packed)
+        return out * 2 if x2.dtype == torch.bfloat16 else out
+
+    monkeypatch.setattr(cpu_linear, "_apply", broken_in_bfloat16)
+    assert not cpu_linear.enabled(torch.bfloat16)
+    assert cpu_linear.enabled(torch.float32)
+    w32, x32 = torch.randn(30, 20), torch.randn(3, 20)
+    w16, x16 = w32.bfloat16(), x32.bfloat16()
+    with torch.no_grad():
+        torch.testing.assert_close(cpu_linear.linear(x32, w32), F.linear(x32, w32), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cpu_linear.linear(x16, w16), F.linear(x16, w16), rtol=0, atol=0)
+    assert id(w32) in cpu_linear._packs and id(w16) not in cpu_linear._packs
+
+
+@pytest.mark.usefixtures("fresh_packing")
+def test_set_enabled_turns_every_dtype_off_and_back_on():
+    cpu_linear.set_enabled(False)
+    assert not cpu_linear.enabled(torch.float32) and not cpu_linear.enabled(torch.bfloat16)
+    cpu_linear.set_enabled(True)
+    assert cpu_linear.enabled(torch.float32) == (cpu_linear._ops_available() and cpu_linear._self_check(torch.float32))
 
 
 @needs_packing
@@ -84,86 +139,146 @@ def test_linear_keeps_autograd_when_gradients_are_needed():
     torch.testing.assert_close(w.grad, x.sum(0).expand(30, 20), rtol=1e-5, atol=1e-5)
 
 
-def test_output_projections_share_one_buffer_on_cpu_and_survive_dtype_moves():
+def test_layout_survives_dtype_moves_and_copies_and_state_dicts_stay_contiguous():
     model = tiny()
-    for layer in model.layers:
-        merged = layer.merged_out_weight()
-        assert merged is not None
-        torch.testing.assert_close(merged, torch.cat((layer.attn_out.weight, layer.ff_out.weight), dim=1))
+    w = model.layers[0].fused_attn_ff_proj.weight
+    assert w.stride() == (1, w.shape[0])  # float32 on the CPU: input-major
     model.to(torch.bfloat16).to(torch.float32)
-    assert all(layer.merged_out_weight() is not None for layer in model.layers)
-    # a deep copy keeps the sharing (storages are copied once), and state dicts stay contiguous
+    assert model.layers[0].fused_attn_ff_proj.weight.stride() == (1, w.shape[0])
     clone = copy.deepcopy(model)
-    assert all(layer.merged_out_weight() is not None for layer in clone.layers)
+    assert clone.layers[0].fused_attn_ff_proj.weight.stride() == (1, w.shape[0])
+    x = torch.randint(0, 64, (2, 7))
+    torch.testing.assert_close(clone(x), model(x), rtol=0, atol=0)
     assert all(t.is_contiguous() for t in model.state_dict().values())
 
 
-def test_merged_view_follows_an_optimizer_step():
-    model = tiny()
-    layer = model.layers[0]
-    layer.merged_out_weight()  # cache the view
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    model(torch.randint(0, 64, (2, 7)), return_loss=True).backward()
-    opt.step()
-    torch.testing.assert_close(
-        layer.merged_out_weight(), torch.cat((layer.attn_out.weight, layer.ff_out.weight), dim=1).detach()
-    )
+# --- the CPU decode runner --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kw", [{}, {"qk_rmsnorm": True}, {"rotary_xpos": True}])
-@pytest.mark.parametrize("batch", [1, 3])
-def test_one_token_decode_equals_the_general_cached_layer(kw, batch):
-    """decode_one (the engine's path for one new token) against ParallelBlock.forward with a
-    cache, layer by layer, at a position well inside the cache."""
-    model = tiny(**kw)
-    torch.manual_seed(1)
+def prefilled(model, batch, prefix_len=9, slots=16, scope=None, seed=1):
+    """Two identical KV caches holding a random prefix, the prefix and one next token."""
+    torch.manual_seed(seed)
     cfg = model.config
-    prefix = torch.randint(0, 64, (batch, 9))
-    positions = torch.arange(10)[None].expand(batch, 10)
+    prefix = torch.randint(0, cfg.num_tokens, (batch, prefix_len))
+    positions = torch.arange(prefix_len)[None].expand(batch, prefix_len)
+    caches = [KVCache(cfg.depth, batch, slots, cfg.dim_head, torch.device("cpu"), model.dtype) for _ in range(2)]
     with torch.no_grad():
-        caches = [KVCache(cfg.depth, batch, 16, cfg.dim_head, torch.device("cpu"), torch.float32) for _ in range(2)]
         for cache in caches:
-            model.forward_cached(prefix, positions[:, :9], cache.layers(), 0)
-        tok = torch.randint(0, 64, (batch, 1))
-        fast = model.forward_cached(tok, positions[:, 9:], caches[0].layers(), 9)
-        h = model.token_emb(tok)
-        rotary = model.rotary.lookup(positions[:, 9:], h.dtype)
-        for layer, cache in zip(model.layers, caches[1].layers()):
-            h = layer(h, rotary, cache=cache, cache_pos=9)
-        slow = model.norm(h[:, -1]) @ model.token_emb.weight.t()
-    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
+            model.forward_cached(prefix, positions, cache.layers(), 0, finetune_scope=scope)
+    return caches, torch.randint(0, cfg.num_tokens, (batch,))
+
+
+def both_paths(model, batch, scope=None, **kw):
+    """(runner logits, general-path logits, the two caches) for one decode step at slot 9."""
+    caches, tok = prefilled(model, batch, scope=scope, **kw)
+    pos = torch.full((1, 1), 9)
+    runner = cpu_decode_runner.runner_for(model, tok[:, None], caches[0].layers(), 9, finetune_scope=scope)
+    assert runner is not None, "the fast path did not apply"
+    before = runner.steps
+    fast = runner.step(tok, pos, caches[0].layers(), 9)
+    assert runner.steps == before + 1
+    with torch.no_grad():
+        general = model.forward_cached(tok[:, None], pos, caches[1].layers(), 9, finetune_scope=scope)
+    return fast, general, caches
+
+
+@needs_kernel
+@pytest.mark.parametrize("batch", [1, 3])
+def test_the_runner_equals_the_general_cached_layer(batch):
+    """One decode step through the runner (packed weights, the C kernel) against
+    ParallelBlock.forward with a cache: the logits and every cache slot written."""
+    model = tiny()
+    fast, general, caches = both_paths(model, batch)
+    torch.testing.assert_close(fast, general, rtol=1e-5, atol=1e-5)
     for (k0, v0), (k1, v1) in zip(caches[0].layers(), caches[1].layers()):
         torch.testing.assert_close(k0, k1, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(v0, v1, rtol=1e-5, atol=1e-6)
 
 
-def test_one_token_decode_with_lora_equals_the_full_forward():
+@needs_kernel
+def test_the_runner_with_merged_lora_equals_the_general_path_with_adapters():
     model = tiny()
     model.add_finetune_params("actor", lora_r=4)
     for p in model.finetune_parameters("actor"):
         torch.nn.init.normal_(p, std=0.2)
-    x = torch.randint(0, 64, (2, 8))
-    with torch.no_grad():
-        full = model(x, finetune_scope="actor")[:, -1]
-        cache = KVCache(model.config.depth, 2, 8, model.config.dim_head, torch.device("cpu"), torch.float32)
-        model.forward_cached(x[:, :-1], torch.arange(7)[None].expand(2, 7), cache.layers(), 0, finetune_scope="actor")
-        last = model.forward_cached(x[:, -1:], torch.full((2, 1), 7), cache.layers(), 7, finetune_scope="actor")
-        plain = model(x)[:, -1]
-    torch.testing.assert_close(last, full, rtol=1e-4, atol=1e-5)
-    assert not torch.allclose(full, plain, atol=1e-3)  # the adapter does change the answer
+    fast, general, _ = both_paths(model, 2, scope="actor")
+    torch.testing.assert_close(fast, general, rtol=1e-5, atol=1e-5)
+    base, _, _ = both_paths(model, 2)
+    assert not torch.allclose(fast, base, atol=1e-3)  # the adapter does change the answer
+
+
+@pytest.mark.parametrize("kw", [{"qk_rmsnorm": True}, {"rotary_xpos": True}])
+def test_options_the_runner_does_not_cover_take_the_general_path(kw):
+    model = tiny(**kw)
+    caches, tok = prefilled(model, 2)
+    assert cpu_decode_runner.runner_for(model, tok[:, None], caches[0].layers(), 9) is None
+    model.train()
+    model.set_dropout(0.1)
+    assert cpu_decode_runner.runner_for(model, tok[:, None], caches[0].layers(), 9) is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("change", ["optimizer step", "load_state_dict", "dtype round trip", "merge lora"])
+def test_the_runner_is_rebuilt_when_the_weights_change(change):
+    model = tiny()
+    caches, tok = prefilled(model, 1)
+    first = cpu_decode_runner.runner_for(model, tok[:, None], caches[0].layers(), 9)
+    assert first.is_current()
+    if change == "optimizer step":
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        model(torch.randint(0, 64, (2, 7)), return_loss=True).backward()
+        opt.step()
+    elif change == "load_state_dict":
+        other = tiny()
+        with torch.no_grad():
+            for p in other.parameters():
+                p.mul_(1.5)
+        model.load_state_dict(other.state_dict())
+    elif change == "dtype round trip":
+        model.to(torch.bfloat16).to(torch.float32)
+    else:
+        model.add_finetune_params("actor", lora_r=2)
+        for p in model.finetune_parameters("actor"):
+            torch.nn.init.normal_(p, std=0.2)
+        model.merge_finetune_params("actor")
+    assert not first.is_current()
+    fast, general, _ = both_paths(model, 1)
+    assert cpu_decode_runner.cached_runners(model)[None] is not first
+    torch.testing.assert_close(fast, general, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_the_engine_runs_the_runner_and_gives_the_general_paths_tokens(monkeypatch):
+    model = tiny()
+    sp = SamplingParams(max_new_tokens=10, temperature=0)
+    prompts = [[3, 1, 4, 1, 5], [9, 2]]
+    steps = []
+    real = cpu_decode_runner.CPUDecodeRunner.step
+    monkeypatch.setattr(cpu_decode_runner.CPUDecodeRunner, "step", lambda self, *a: steps.append(1) or real(self, *a))
+    fast = generate_tokens(model, prompts, sp)
+    assert len(steps) == 9  # every decode step after the prefill
+    monkeypatch.setattr(cpu_decode_runner, "applies", lambda *a, **k: False)
+    general = generate_tokens(model, prompts, sp)
+    assert len(steps) == 9
+    for a, b in zip(fast, general):
+        assert a[0].token_ids == b[0].token_ids
+        torch.testing.assert_close(torch.tensor(a[0].logprobs), torch.tensor(b[0].logprobs), rtol=1e-5, atol=1e-5)
 
 
 @needs_packing
+@needs_kernel
 def test_a_decode_step_reads_the_reordered_weights():
-    """One new token goes through the reordered copies of every projection, including the
-    tied output embedding, and gives the general cached layer's answer."""
+    """The runner's step reads reordered copies of every projection, the tied output
+    embedding included; the fused input projection's copy is the general path's own."""
     model = tiny()
     cpu_linear.clear()
-    cache = KVCache(model.config.depth, 1, 8, model.config.dim_head, torch.device("cpu"), torch.float32)
-    with torch.no_grad():
-        model.forward_cached(torch.randint(0, 64, (1, 5)), torch.arange(5)[None], cache.layers(), 0)
-        model.forward_cached(torch.randint(0, 64, (1, 1)), torch.full((1, 1), 5), cache.layers(), 5)
+    caches, tok = prefilled(model, 1)
+    runner = cpu_decode_runner.runner_for(model, tok[:, None], caches[0].layers(), 9)
+    runner.step(tok, torch.full((1, 1), 9), caches[0].layers(), 9)
     packed = set(cpu_linear._packs)
     assert id(model.token_emb.weight) in packed
-    for layer in model.layers:
-        assert id(layer.fused_attn_ff_proj.weight) in packed and id(layer.merged_out_weight()) in packed
+    for i, layer in enumerate(model.layers):
+        assert id(layer.fused_attn_ff_proj.weight) in packed
+        assert runner.weights(1)[i].fused_w is cpu_linear._packs[id(layer.fused_attn_ff_proj.weight)][2]
+        merged = runner.merged_out_weight(i)
+        assert merged.is_mkldnn and merged.shape == (48, layer.attn_inner + layer.ff_inner)

@@ -70,9 +70,13 @@ function renderAnswer(completion) {
   const node = $("#answer-template").content.firstElementChild.cloneNode(true);
   node.dataset.completionId = completion.id;
   $(".text", node).textContent = choice.message.content || "(empty answer)";
+  // an answer that ran into its token limit may stop mid-word: say so
+  $(".cut", node).hidden = choice.finish_reason !== "length";
+  const dropped = (completion.palm_rlhf && completion.palm_rlhf.dropped_turns) || 0;
   $(".meta", node).textContent =
     `reward ${fmt(choice.reward)} · best of ${completion.best_of} · policy ${completion.policy_version || "?"}` +
-    ` · reward model ${completion.reward_version || "?"}`;
+    ` · reward model ${completion.reward_version || "?"}` +
+    (dropped ? ` · ${dropped} oldest turn${dropped > 1 ? "s" : ""} left out to fit the model` : "");
   const ack = $(".ack", node);
   const thumbs = [...node.querySelectorAll(".thumb")];
   thumbs.forEach((b) => b.addEventListener("click", async () => {
@@ -157,8 +161,10 @@ $("#composer").addEventListener("submit", async (ev) => {
     n: 1,
     best_of: bestOf,
     temperature: Number($("#temperature").value),
-    max_tokens: Number($("#max-tokens").value) || undefined,
   };
+  // empty: the gateway gives the answer all the room the conversation leaves in the context
+  const maxTokens = Number($("#max-tokens").value);
+  if (maxTokens > 0) body.max_tokens = maxTokens;
   $("#send").disabled = true;
   setStatus(`thinking (${bestOf} candidate${bestOf > 1 ? "s" : ""})…`);
   try {
