@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
+import signal
+import sys
+import threading
+import time
 
 from services.common.config import add_serve_arguments
 
@@ -26,11 +32,29 @@ def check_admin_exposure(settings) -> None:
         )
 
 
+def stop_with_parent(parent_pid: int, poll_s: float = 1.0) -> threading.Thread:
+    """Watch the parent (``palm-rlhf up``): once it is gone, even killed with SIGKILL, send this
+    process SIGTERM, so that it stops as gracefully as when its parent stops it."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        with contextlib.suppress(OSError):  # the parent held our output: it may be gone too
+            print(f"parent process {parent_pid} is gone: stopping", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    t = threading.Thread(target=watch, name="parent-watch", daemon=True)
+    t.start()
+    return t
+
+
 def _serve(args: argparse.Namespace) -> int:
     from services.common.settings import serve_settings
 
     settings = serve_settings(args)
     check_admin_exposure(settings)
+    if settings.parent_pid:
+        stop_with_parent(settings.parent_pid)
     if settings.role == "gateway":
         from services.gateway.app import run_gateway
 

@@ -274,7 +274,7 @@ class Supervisor:
     # -- processes ----------------------------------------------------------------------------
 
     def start(self, child: Child) -> None:
-        env_vars = dict(os.environ, PYTHONUNBUFFERED="1", **child.env)
+        env_vars = dict(os.environ, PYTHONUNBUFFERED="1", PALM_RLHF_PARENT_PID=str(os.getpid()), **child.env)
         proc = subprocess.Popen(
             child.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
             errors="replace", env=env_vars, start_new_session=True,  # signals reach the supervisor only

@@ -298,10 +298,9 @@ def _trigger(trainer_addr: str, token: str) -> Any:
 
 def plot_figures(versions: Sequence[VersionFigures], path: Path) -> Path:
     """Mean sentiment (the users' taste) and KL to the reference, per served policy version."""
-    import matplotlib
+    from palm_rlhf.demo.taste import _pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     x = list(range(len(versions)))
     labels = [v.version or f"#{i}" for i, v in enumerate(versions)]
@@ -329,6 +328,10 @@ def run_demo_loop(cfg: DemoLoopConfig, say: Callable[[str], None] = print) -> De
     from palm_rlhf.demo.corpus import held_out_prompts
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the figures
+    if cfg.plot:  # fail before the loop runs, not after it
+        from palm_rlhf.demo.taste import _pyplot
+
+        _pyplot()
     cfg.data_dir = Path(cfg.data_dir).resolve()
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     analyzer = SentimentIntensityAnalyzer()

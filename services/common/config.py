@@ -152,6 +152,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     flag(g, "--max-batch-rows", type=int, default=128,
             help="policy: most sequences (prompts x samples) decoded together in one batch "
                  "(PALM_RLHF_MAX_BATCH_ROWS)")
+    flag(g, "--max-queue-rows", type=int, default=512,
+            help="policy: prompts x samples that may wait for the running batch; more are refused at once "
+                 "as overloaded, the gateway answers 503 + Retry-After (PALM_RLHF_MAX_QUEUE_ROWS, default 512, "
+                 "0 = no cap)")
     flag(g, "--batch-window-ms", type=float, default=0.0,
             help="policy: how long the batcher waits for more requests before a forward pass "
                  "(PALM_RLHF_BATCH_WINDOW_MS)")
@@ -201,6 +205,26 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     flag(gw, "--keep-alive", type=float, default=75.0,
              help="gateway: seconds an idle HTTP connection stays open (PALM_RLHF_KEEP_ALIVE, default 75; "
                   "keep it above the idle timeout of clients and load balancers)")
+    flag(gw, "--max-inflight", type=int, default=64,
+             help="gateway: chat completions in flight at once; more are refused with 503 + Retry-After "
+                  "(PALM_RLHF_MAX_INFLIGHT, default 64, 0 = no cap)")
+    flag(gw, "--body-timeout", type=float, default=30.0,
+             help="gateway: seconds a request body may take to arrive; slower clients get 408 "
+                  "(PALM_RLHF_BODY_TIMEOUT, default 30, 0 = none)")
+    flag(gw, "--header-timeout", type=float, default=10.0,
+             help="gateway: seconds a request's headers may take from its first byte; slower connections "
+                  "are closed (PALM_RLHF_HEADER_TIMEOUT, default 10, 0 = none)")
+    flag(gw, "--max-connections", type=int, default=1024,
+             help="gateway: open HTTP connections and requests at once; beyond it 503 "
+                  "(PALM_RLHF_MAX_CONNECTIONS, default 1024, 0 = no cap)")
+    flag(gw, "--allowed-hosts", default="",
+             help="gateway: comma-separated Host header values to serve, '*.example.com' allowed "
+                  "(PALM_RLHF_ALLOWED_HOSTS, default: any host)")
+    flag(gw, "--max-body-bytes", type=int, default=1 << 20,
+             help="gateway: the largest request body (PALM_RLHF_MAX_BODY_BYTES, default 1 MiB)")
+    flag(gw, "--min-answer-tokens", type=int, default=32,
+             help="gateway: the least room for an answer a long conversation is shortened to leave "
+                  "(PALM_RLHF_MIN_ANSWER_TOKENS, default 32)")
     flag(gw, "--insecure-no-auth", action="store_true", default=False,
              help="gateway: serve without API keys on a non-loopback address (PALM_RLHF_INSECURE_NO_AUTH)")
 

@@ -31,6 +31,17 @@ class ResourceExhausted(ServiceError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+# trailing metadata that marks a RESOURCE_EXHAUSTED as "at capacity, retry shortly" rather than
+# "this request is over a limit, ask for less"; its value is the suggested wait in seconds
+OVERLOADED_KEY = "palm-rlhf-overloaded-retry-after"
+
+
+class Overloaded(ResourceExhausted):
+    """The service is at capacity (its queue is full): the same request may succeed shortly."""
+
+    trailing_metadata = ((OVERLOADED_KEY, "1"),)
+
+
 class Unavailable(ServiceError):
     """The service cannot take requests now (loading a model, draining); retry elsewhere/later."""
 

@@ -39,6 +39,28 @@ class StoreError(Exception):
     """Base class of the store's domain errors."""
 
 
+# a pooled PostgreSQL connection idle longer than this is checked before use
+PG_PING_AFTER_IDLE_S = 2.0
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _is_connection_error(e: BaseException) -> bool:
+    """Whether ``e`` means the PostgreSQL connection is gone (not a bad statement)."""
+    import psycopg
+
+    return isinstance(e, (psycopg.OperationalError, psycopg.InterfaceError)) and not isinstance(
+        e, psycopg.errors.QueryCanceled
+    )
+
+
+class StoreUnavailable(StoreError):
+    """The database cannot be reached (a dropped connection, a restarting server): the same
+    request may succeed shortly, on a new connection."""
+
+
 class CompletionNotFound(StoreError):
     pass
 
@@ -211,6 +233,13 @@ class FeedbackStore:
     def __init__(self, url: str, *, pool_size: int = 4, connect_timeout: float = 10.0):
         self.url = url
         if url.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
+            try:
+                import psycopg  # noqa: F401
+            except ImportError:
+                raise StoreError(
+                    "a postgresql:// database URL needs psycopg, which is not installed: "
+                    "pip install 'palm-rlhf[postgres]'"
+                ) from None
             self.dialect = "postgresql"
             self._pg_url = url.replace("postgresql+psycopg://", "postgresql://", 1)
         else:
@@ -240,7 +269,32 @@ class FeedbackStore:
             return conn
         import psycopg
 
-        return psycopg.connect(self._pg_url, connect_timeout=int(self._connect_timeout), autocommit=True)
+        try:
+            return psycopg.connect(self._pg_url, connect_timeout=int(self._connect_timeout), autocommit=True)
+        except psycopg.OperationalError as e:
+            raise StoreUnavailable(f"the feedback database cannot be reached: {_first_line(e)}") from e
+
+    def _pooled(self):
+        """A connection from the pool that still works, else a new one. A PostgreSQL
+        connection idle for a while is pinged first: the server may have dropped it (restart,
+        idle timeout, failover), which psycopg only notices on the next use."""
+        while True:
+            try:
+                conn, last_used = self._pool.get_nowait()
+            except Empty:
+                return self._connect()
+            if self.dialect == "sqlite":
+                return conn
+            if conn.closed or conn.broken:
+                continue
+            if time.monotonic() - last_used < PG_PING_AFTER_IDLE_S:
+                return conn
+            try:
+                conn.execute("SELECT 1")
+                return conn
+            except Exception:  # noqa: BLE001 -- a dead connection: drop it, try the next
+                with suppress(Exception):
+                    conn.close()
 
     @contextmanager
     def _conn(self):
@@ -248,10 +302,7 @@ class FeedbackStore:
             raise StoreError("the feedback store is closed")
         self._sem.acquire()
         try:
-            try:
-                conn = self._pool.get_nowait()
-            except Empty:
-                conn = self._connect()
+            conn = self._pooled()
             ok = False
             try:
                 yield conn
@@ -259,9 +310,13 @@ class FeedbackStore:
             except StoreError:
                 ok = True  # a domain error, raised after a clean rollback: the connection is fine
                 raise
+            except Exception as e:
+                if self.dialect == "postgresql" and _is_connection_error(e):
+                    raise StoreUnavailable(f"the connection to the feedback database failed: {_first_line(e)}") from e
+                raise
             finally:
                 if ok or self.dialect == "sqlite":
-                    self._pool.put(conn)
+                    self._pool.put((conn, time.monotonic()))
                 else:  # a failed PostgreSQL connection may be broken: drop it
                     with suppress(Exception):
                         conn.close()
@@ -298,7 +353,7 @@ class FeedbackStore:
         self._closed = True
         while True:
             try:
-                self._pool.get_nowait().close()
+                self._pool.get_nowait()[0].close()
             except Empty:
                 break
 

@@ -39,6 +39,9 @@ class ServiceMetrics:
         self.queue_depth = Gauge(
             "palm_rlhf_queue_depth", "requests waiting for the model (not yet in a batch)", ["service"], registry=r
         )
+        self.shed = Counter(
+            "palm_rlhf_shed", "requests refused because the queue was full (retry shortly)", ["service"], registry=r
+        )
         self.batch_size = Histogram(
             "palm_rlhf_batch_size", "requests sharing one model batch", ["service"], buckets=BATCH_BUCKETS, registry=r
         )

@@ -226,7 +226,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             return
         mapped = status_for(exc) if isinstance(exc, Exception) else None
         message = mapped[1] if mapped else "internal server error (details are in the server log)"
-        await context.abort(code, message)
+        await context.abort(code, message, trailing_metadata=getattr(exc, "trailing_metadata", ()))
 
 
 class ServiceApp(Protocol):

@@ -140,6 +140,9 @@ class CommonSettings(Settings):
     tls_client_key: str | None = None
     max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, gt=0)
     log_level: str = "INFO"
+    # set by `palm-rlhf up` for its children: a child whose parent is gone stops itself, so a
+    # supervisor killed with SIGKILL leaves nothing running (PALM_RLHF_PARENT_PID)
+    parent_pid: int | None = None
 
     @model_validator(mode="after")
     def _read_admin_token_file(self):
@@ -205,6 +208,7 @@ class PolicySettings(ModelServeSettings):
     default_max_new_tokens: int = Field(default=64, gt=0)
     max_n: int = Field(default=16, gt=0)
     max_batch_rows: int = Field(default=128, gt=0)
+    max_queue_rows: int = Field(default=512, ge=0)
     batch_window_ms: float = Field(default=0.0, ge=0)
     batch_threads: int = Field(default_factory=_cpu_count, ge=0)
     batch_threads_min_rows: int = Field(default=16, gt=0)
@@ -305,6 +309,13 @@ class GatewayServeSettings(ServeSettings):
     api_keys_file: str | None = None
     rate_limit: str = DEFAULT_RATE_LIMIT
     keep_alive: float = Field(default=75.0, gt=0)
+    max_inflight: int = Field(default=64, ge=0)
+    body_timeout: float = Field(default=30.0, ge=0)
+    max_body_bytes: int = Field(default=1 << 20, gt=0)
+    min_answer_tokens: int = Field(default=32, ge=1)
+    header_timeout: float = Field(default=10.0, ge=0)
+    max_connections: int = Field(default=1024, ge=0)
+    allowed_hosts: str = ""
     insecure_no_auth: bool = False
 
     @field_validator("rate_limit", mode="before")

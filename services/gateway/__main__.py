@@ -33,6 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=None)
     p.add_argument("--body-timeout", type=float, default=None,
                    help="seconds a request body may take to arrive; slower clients get 408 (default 30)")
+    p.add_argument("--header-timeout", type=float, default=None,
+                   help="seconds a request's headers may take from its first byte; slower connections "
+                        "are closed (default 10)")
+    p.add_argument("--max-connections", type=int, default=None,
+                   help="open HTTP connections and requests at once; beyond it 503 (default 1024, 0: no cap)")
+    p.add_argument("--allowed-hosts", default=None,
+                   help="comma-separated Host header values to serve ('*.example.com' allowed; default any)")
     p.add_argument("--max-inflight", type=int, default=None,
                    help="chat completions in flight at once; more get 503 + Retry-After (default 64, 0: no cap)")
     p.add_argument("--keep-alive", type=float, default=None, help="idle HTTP connection timeout in seconds (default 75)")

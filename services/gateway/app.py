@@ -32,6 +32,7 @@ from .auth import RateLimit, is_loopback, load_api_keys
 from .backends import Backends
 from .conversation import ContextSource, PolicyContext
 from .errors import APIError, error_body, install_error_handlers
+from .http_protocol import protocol_with
 from .metrics import GatewayMetrics
 from .middleware import GatewayMiddleware
 from .routers import ROUTERS
@@ -70,6 +71,10 @@ def create_app(
         max_body_bytes=state.config.max_body_bytes,
         body_timeout_s=state.config.body_timeout_s,
     )
+    if state.config.allowed_hosts:  # outermost: a request for another Host gets 400 before anything
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(state.config.allowed_hosts))
     install_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)
@@ -137,6 +142,7 @@ def app_config(settings: GatewaySettings) -> GatewayConfig:
         max_body_bytes=settings.max_body_bytes,
         body_timeout_s=settings.body_timeout,
         max_inflight=settings.max_inflight,
+        allowed_hosts=tuple(h.strip() for h in settings.allowed_hosts.split(",") if h.strip()),
         admin_token=admin_token,
         open_admin=admin_token is None and settings.insecure_no_auth and loopback,
         min_answer_tokens=settings.min_answer_tokens,
@@ -181,6 +187,8 @@ def run_gateway(args: Any = None, settings: GatewaySettings | None = None) -> in
                 # load balancers (60 s): the client, not the server, closes an idle connection, so a
                 # request never races the server's close of the connection it was sent on
                 timeout_keep_alive=settings.keep_alive,
+                http=protocol_with(settings.header_timeout),  # slow request headers are cut off
+                limit_concurrency=settings.max_connections or None,
             )
         )
         log.info(

@@ -169,6 +169,10 @@ class GrpcBackends:
                 grpc.StatusCode.RESOURCE_EXHAUSTED: "limit",
             }.get(code, "internal")
             msg = e.details() or code.name
+            from services.common.errors import OVERLOADED_KEY
+
+            if kind == "limit" and any(k == OVERLOADED_KEY for k, _ in (e.trailing_metadata() or ())):
+                kind = "overloaded"  # at capacity, not over a limit: the same request may pass soon
             if kind == "timeout":
                 msg = f"no answer from the {backend} service before the deadline"
             elif kind == "unavailable":

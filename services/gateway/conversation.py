@@ -146,18 +146,10 @@ class PolicyContext:
 
     def _connect(self):
         if self._stub is None:
-            import grpc
-
             from palm_rlhf.proto.v1 import policy_pb2_grpc
-            from services.common.client import client_credentials, keepalive_options
+            from services.common.client import create_channel
 
-            opts = [*keepalive_options()]
-            creds = client_credentials()
-            self._channel = (
-                grpc.aio.secure_channel(self.addr, creds, options=opts)
-                if creds is not None
-                else grpc.aio.insecure_channel(self.addr, options=opts)
-            )
+            self._channel = create_channel(self.addr, retries=0)
             self._stub = policy_pb2_grpc.PolicyStub(self._channel)
         return self._stub
 

@@ -96,8 +96,14 @@ def backend_http_error(e: BackendError) -> APIError:
         return APIError(
             400, f"the request exceeds a {e.backend} service limit: {e.message}", code="limit_exceeded"
         )
-    if e.kind == "overloaded":
-        return APIError(429, f"the {e.backend} service is overloaded: {e.message}", headers={"Retry-After": "1"})
+    if e.kind == "overloaded":  # the system is at capacity (not this client's fault): shed, retry soon
+        return APIError(
+            503,
+            f"the {e.backend} service is at capacity: {e.message}",
+            type="service_unavailable",
+            code="overloaded",
+            headers={"Retry-After": "1"},
+        )
     return APIError(
         503,
         e.message,
@@ -112,6 +118,10 @@ def in_band_error(e: Exception) -> dict[str, Any]:
     if isinstance(e, BackendError):
         err = backend_http_error(e)
         return error_body(err.status_code, str(err.detail), err.type, code=err.code)
+    from services.common.feedback_store import StoreUnavailable
+
+    if isinstance(e, StoreUnavailable):
+        return error_body(503, str(e), "service_unavailable", code="store_unavailable")
     log.error("error while streaming", exc_info=e)
     return error_body(500, "internal error in the gateway", "api_error")
 
@@ -154,7 +164,16 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(error_body(500, "internal error in the gateway", "api_error"), status_code=500)
 
 
+async def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    log.warning("feedback store unavailable on %s %s: %s", request.method, request.url.path, exc)
+    body = error_body(503, str(exc), "service_unavailable", code="store_unavailable")
+    return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    from services.common.feedback_store import StoreUnavailable
+
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StoreUnavailable, _store_unavailable)
     app.add_exception_handler(Exception, _unexpected)

@@ -17,6 +17,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common.config import DEFAULT_RATE_LIMIT
+from services.common.settings import read_secret_file
 
 # flags (argparse destinations) that map onto settings of the same name
 _FLAGS = (
@@ -36,6 +37,9 @@ _FLAGS = (
     "min_answer_tokens",
     "max_inflight",
     "body_timeout",
+    "header_timeout",
+    "max_connections",
+    "allowed_hosts",
 )
 
 
@@ -61,6 +65,12 @@ class GatewaySettings(BaseSettings):
     body_timeout: float = Field(default=30.0, ge=0)
     # chat completions in flight at once; more are shed with 503 + Retry-After (0: no cap)
     max_inflight: int = Field(default=64, ge=0)
+    # seconds the headers of a request may take from its first byte (slowloris; 0: none)
+    header_timeout: float = Field(default=10.0, ge=0)
+    # open HTTP connections and requests at once; beyond it uvicorn answers 503 (0: no cap)
+    max_connections: int = Field(default=1024, ge=0)
+    # Host header values served (comma-separated, "*.example.com" allowed); empty: any host
+    allowed_hosts: str = ""
     keep_alive: float = 75.0
     log_level: str = "info"
     generate_timeout: float = 120.0
@@ -94,10 +104,7 @@ class GatewaySettings(BaseSettings):
             return self.admin_token.get_secret_value()
         if self.admin_token_file is not None:
             try:
-                token = self.admin_token_file.read_text(encoding="utf-8").strip()
-            except OSError as e:
-                raise SystemExit(f"cannot read the admin token file {self.admin_token_file}: {e}") from None
-            if not token:
-                raise SystemExit(f"the admin token file {self.admin_token_file} is empty")
-            return token
+                return read_secret_file(self.admin_token_file)
+            except ValueError as e:
+                raise SystemExit(str(e)) from None
         return None

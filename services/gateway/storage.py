@@ -88,6 +88,11 @@ class StorageService:
     async def completion(self, completion_id: str) -> CompletionRecord:
         return await in_thread(self.store.get_completion, completion_id)
 
+    async def owner(self, completion_id: str) -> str:
+        """The client id that created a completion; raises CompletionNotFound."""
+        rec = await in_thread(self.store.get_completion, completion_id, with_candidates=False)
+        return rec.client_id
+
     async def add_feedback(self, completion_id: str, **fields: Any) -> tuple[FeedbackRecord, bool]:
         fb, created = await in_thread(self.store.add_feedback, completion_id, **fields)
         if created:

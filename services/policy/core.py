@@ -25,7 +25,13 @@ from pathlib import Path
 
 from palm_rlhf.generation import DecodeSession, SamplingParams
 from palm_rlhf.stops import scan_stops
-from services.common.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
+from services.common.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    Overloaded,
+    ResourceExhausted,
+    Unavailable,
+)
 from services.common.metrics import ServiceMetrics
 from services.common.models import LoadedPalm, load_palm_version, version_path
 
@@ -44,6 +50,9 @@ class PolicyLimits:
     max_n: int = 16
     max_batch: int = 64  # prompts per request
     max_batch_rows: int = 128  # prompts x samples per model batch
+    # prompts x samples waiting for the running batch; a request beyond it is refused at once
+    # (Overloaded, RESOURCE_EXHAUSTED marked as retryable) instead of waiting behind them (0: no cap)
+    max_queue_rows: int = 512
     batch_window_s: float = 0.0
     # A large batch is compute-bound and gains from every core; a small one is bound by memory
     # and by this process's own event loop, which extra OpenMP threads would crowd out.
@@ -346,6 +355,16 @@ class PolicyCore:
         sp = self.sampling_params(params, ids)
         deadline = None if timeout is None else time.monotonic() + timeout
         req = _Request(ids, sp, params, deadline, asyncio.get_running_loop(), stream)
+        cap = self.limits.max_queue_rows
+        if cap:
+            with self._pending_lock:
+                waiting = sum(r.num_rows for r in self._pending)
+            if waiting and waiting + req.num_rows > cap:
+                self.metrics.shed.labels(self.metrics.service).inc()
+                raise Overloaded(
+                    f"the policy is at capacity: {waiting} sequences are waiting (the limit is {cap}); "
+                    "retry shortly"
+                )
         self._pending.append(req)
         self.metrics.queue_depth.labels(self.metrics.service).set(len(self._pending))
         self._wakeup.set()

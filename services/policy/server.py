@@ -131,7 +131,8 @@ class PolicyApp:
         limits = PolicyLimits(
             max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
             default_max_new_tokens=min(args.default_max_new_tokens, args.max_new_tokens), max_n=args.max_n,
-            max_batch=args.max_batch, max_batch_rows=args.max_batch_rows, batch_window_s=args.batch_window_ms / 1000,
+            max_batch=args.max_batch, max_batch_rows=args.max_batch_rows, max_queue_rows=args.max_queue_rows,
+            batch_window_s=args.batch_window_ms / 1000,
             batch_threads=args.batch_threads, batch_threads_min_rows=args.batch_threads_min_rows,
             base_threads=args.torch_threads,
         )

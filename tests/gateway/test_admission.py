@@ -153,3 +153,69 @@ def test_a_stalled_request_body_is_cut_off_with_408(sqlite_store):
         assert b"did not arrive within 0.5 s" in reply
         assert elapsed < 10, "the connection must be closed after the 408"
         assert backends.calls == []
+
+
+class _Server(ThreadServer):
+    def __init__(self, app, **config):
+        import uvicorn
+
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off", **config)
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> float | None:
+    """Seconds until the server closed ``sock`` (None if it stayed open ``seconds``)."""
+    sock.settimeout(seconds)
+    t0 = time.monotonic()
+    try:
+        while sock.recv(65536):
+            pass
+    except TimeoutError:
+        return None
+    except ConnectionResetError:
+        pass
+    return time.monotonic() - t0
+
+
+def test_request_headers_sent_too_slowly_get_the_connection_closed(sqlite_store):
+    from services.gateway.http_protocol import protocol_with
+
+    app = create_app(FakeBackends(), sqlite_store, GatewayConfig())
+    with _Server(app, http=protocol_with(1.0)) as srv:
+        host, port = srv.url.removeprefix("http://").split(":")
+        slow = socket.create_connection((host, int(port)), timeout=10)
+        slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+        took = _closed_within(slow, 8.0)
+        slow.close()
+        assert took is not None and took < 5.0, "a connection with unfinished headers was kept open"
+        # a normal client on a kept-alive connection is not cut: idle time between requests is
+        # the keep-alive's business, and each request's headers arrive at once
+        with httpx.Client(base_url=srv.url) as c:
+            assert c.get("/healthz").status_code == 200
+            time.sleep(1.5)
+            assert c.get("/healthz").status_code == 200
+        # the clock restarts with each request on a connection: a second, stalled request is cut too
+        conn = socket.create_connection((host, int(port)), timeout=10)
+        conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert b"200 OK" in conn.recv(65536)
+        time.sleep(1.5)
+        conn.sendall(b"GET /healthz HTTP/1.1\r\n")
+        took = _closed_within(conn, 8.0)
+        conn.close()
+        assert took is not None and took < 5.0
+
+
+def test_page_security_headers_and_the_host_allow_list(sqlite_store):
+    app = create_app(FakeBackends(), sqlite_store, GatewayConfig(allowed_hosts=("127.0.0.1", "*.example.com")))
+    with ThreadServer(app) as srv:
+        page = httpx.get(srv.url + "/", timeout=10)
+        assert page.status_code == 200
+        csp = page.headers["content-security-policy"]
+        assert "frame-ancestors 'none'" in csp and "script-src 'self'" in csp
+        assert page.headers["x-content-type-options"] == "nosniff"
+        api = httpx.get(srv.url + "/healthz", timeout=10)
+        assert api.headers["x-content-type-options"] == "nosniff" and api.headers["x-frame-options"] == "DENY"
+        assert httpx.get(srv.url + "/healthz", headers={"Host": "api.example.com"}, timeout=10).status_code == 200
+        assert httpx.get(srv.url + "/healthz", headers={"Host": "evil.test"}, timeout=10).status_code == 400

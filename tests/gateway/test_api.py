@@ -82,7 +82,7 @@ def test_invalid_requests_get_openai_shaped_400s(fake_backends, sqlite_store):
     assert r.status_code == 400 and "max_new_tokens" in r.json()["error"]["message"]
 
 
-def test_backend_failures_become_503_and_overload_429(fake_backends, sqlite_store):
+def test_backend_failures_and_overload_become_503(fake_backends, sqlite_store):
     client = make_client(fake_backends, sqlite_store)
     fake_backends.fail_score = BackendError("reward", "unavailable", "the reward service at x is unavailable")
     r = chat(client)
@@ -93,7 +93,8 @@ def test_backend_failures_become_503_and_overload_429(fake_backends, sqlite_stor
     assert r.status_code == 503 and r.json()["error"]["code"] == "policy_timeout"
     fake_backends.fail_generate = BackendError("policy", "overloaded", "queue full")
     r = chat(client)
-    assert r.status_code == 429 and r.headers["retry-after"] == "1"
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert r.json()["error"]["code"] == "overloaded"
     assert sqlite_store.counts()["completions"] == 0  # failed requests log nothing
 
 
@@ -205,6 +206,29 @@ def test_api_keys_are_required_when_configured(fake_backends, sqlite_store):
     # the export is for the admin token only
     assert client.get("/v1/feedback/export", headers={"Authorization": "Bearer k-beta"}).status_code == 403
     assert client.get("/v1/feedback/export", headers={"Authorization": "Bearer adm"}).status_code == 200
+
+
+def test_with_api_keys_a_completion_belongs_to_the_key_that_made_it(fake_backends, sqlite_store):
+    client = make_client(fake_backends, sqlite_store, api_keys=["k-alpha", "k-beta"], admin_token="adm")
+    alpha, beta = {"Authorization": "Bearer k-alpha"}, {"Authorization": "Bearer k-beta"}
+    cid = chat(client, headers=alpha).json()["id"]
+    thumbs = {"completion_id": cid, "choice_index": 0, "thumbs": "up"}
+    # another key sees what it would see for an id that does not exist
+    for r in (
+        client.get(f"/v1/completions/{cid}", headers=beta),
+        client.get("/v1/feedback", params={"completion_id": cid}, headers=beta),
+        client.post("/v1/feedback", json=thumbs, headers=beta),
+    ):
+        assert r.status_code == 404, r.text
+        assert r.json()["error"]["message"] == client.get("/v1/completions/nope", headers=beta).json()["error"][
+            "message"
+        ].replace("nope", cid)
+    assert sqlite_store.counts()["feedback"] == 0
+    # the owner and the admin token may
+    assert client.post("/v1/feedback", json=thumbs, headers=alpha).status_code == 200
+    assert client.get(f"/v1/completions/{cid}", headers=alpha).status_code == 200
+    assert client.get(f"/v1/completions/{cid}", headers={"Authorization": "Bearer adm"}).status_code == 200
+    assert len(client.get("/v1/feedback", params={"completion_id": cid}, headers=alpha).json()["data"]) == 1
 
 
 def test_rate_limit_answers_429_with_retry_after(fake_backends, sqlite_store):

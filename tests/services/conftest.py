@@ -160,9 +160,10 @@ def rpc_error(fn, *args, **kwargs) -> grpc.RpcError:
     raise AssertionError("the call succeeded but an error status was expected")
 
 
-def metric_value(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples of ``name`` whose labels include ``labels`` (0 when absent)."""
-    total = 0.0
+def metric_value(text: str, name: str, default: float | None = None, **labels: str) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels``. A series that is absent
+    fails the test, unless ``default`` is given (a labelled series exists only once used)."""
+    total, found = 0.0, False
     for line in text.splitlines():
         if line.startswith("#") or not line.startswith(name):
             continue
@@ -172,4 +173,9 @@ def metric_value(text: str, name: str, **labels: str) -> float:
         got = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
         if all(got.get(k) == v for k, v in labels.items()):
             total += float(m.group(3))
+            found = True
+    if not found:
+        if default is None:
+            raise AssertionError(f"no sample of {name} with labels {labels} in the metrics")
+        return default
     return total

@@ -273,9 +273,10 @@ def test_concurrent_requests_share_batches(policy_proc):
     replies = asyncio.run(_concurrent(policy_proc.addr, 8, max_new_tokens=6, n=2, seed=3))
     assert all(len(r.results[0].candidates) == 2 for r in replies)
     after = urllib.request.urlopen(policy_proc.metrics_url, timeout=5).read().decode()
-    batches = metric_value(after, "palm_rlhf_batch_size_count") - metric_value(before, "palm_rlhf_batch_size_count")
+    batches = (metric_value(after, "palm_rlhf_batch_size_count")
+               - metric_value(before, "palm_rlhf_batch_size_count", default=0.0))
     singles = (metric_value(after, "palm_rlhf_batch_size_bucket", le="1.0")
-               - metric_value(before, "palm_rlhf_batch_size_bucket", le="1.0"))
+               - metric_value(before, "palm_rlhf_batch_size_bucket", default=0.0, le="1.0"))
     assert batches < 8, "8 concurrent requests should not need 8 separate batches"
     assert batches - singles >= 1, "at least one batch should hold more than one request"
 

@@ -515,6 +515,19 @@ def test_sighup_stops_every_child(tmp_path):
         up.cleanup()
 
 
+def test_children_stop_by_themselves_when_up_is_killed_with_sigkill(tmp_path):
+    data = make_data_dir(tmp_path / "data")
+    up = Up(data, "--free-ports", "--no-gateway", "--port", str(free_port()), "--grace", "5", "--ready-timeout", "240")
+    try:
+        up.wait_for("| ready: ", 300)
+        assert len(up.alive_children()) == 4
+        up.proc.kill()  # no handler runs: the children must notice on their own
+        up.proc.wait(30)
+        assert up.wait_children_gone(30) == [], "children outlived a SIGKILLed `up`"
+    finally:
+        up.cleanup()
+
+
 # --------------------------------------------------------------------------------------------
 # secrets: the admin token and the database URL reach the children by environment, never argv
 

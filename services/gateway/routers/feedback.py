@@ -25,6 +25,21 @@ def _not_found(e: CompletionNotFound) -> APIError:
     return APIError(404, str(e), param="completion_id")
 
 
+def _check_owner(state, client, owner: str, completion_id: str) -> None:
+    """With API keys, a completion is visible (and can be rated) only by the key that created
+    it, and by the admin token; another key gets the same 404 as for an id that does not exist."""
+    if len(state.keyring) and client.id != "admin" and owner != client.id:
+        raise _not_found(CompletionNotFound(f"no completion with id {completion_id!r}"))
+
+
+async def _owned(state, client, completion_id: str) -> None:
+    try:
+        owner = await state.storage.owner(completion_id)
+    except CompletionNotFound as e:
+        raise _not_found(e) from None
+    _check_owner(state, client, owner, completion_id)
+
+
 @router.get("/v1/completions/{completion_id}", response_model=CompletionView, responses=documented(404))
 async def get_completion(completion_id: str, client: Authorized, state: State) -> CompletionView:
     """A stored completion with every candidate (shown or not) and its reward, in rank order."""
@@ -32,6 +47,7 @@ async def get_completion(completion_id: str, client: Authorized, state: State) -
         rec = await state.storage.completion(completion_id)
     except CompletionNotFound as e:
         raise _not_found(e) from None
+    _check_owner(state, client, rec.client_id, completion_id)
     return CompletionView(
         id=rec.id,
         created=rec.created_at,
@@ -86,6 +102,7 @@ async def post_feedback(
         value = 1 if body.thumbs == "up" else -1
     elif kind == "rating":
         value = body.rating
+    await _owned(state, client, body.completion_id)
     try:
         fb, _ = await state.storage.add_feedback(
             body.completion_id,
@@ -112,6 +129,7 @@ async def get_feedback(
     client: Authorized, state: State, completion_id: Annotated[str, Query(min_length=1, max_length=128)]
 ) -> FeedbackList:
     """All feedback on one completion, oldest first."""
+    await _owned(state, client, completion_id)
     try:
         rows = await state.storage.list_feedback(completion_id)
     except CompletionNotFound as e:
