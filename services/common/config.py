@@ -205,9 +205,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     flag(gw, "--keep-alive", type=float, default=75.0,
              help="gateway: seconds an idle HTTP connection stays open (PALM_RLHF_KEEP_ALIVE, default 75; "
                   "keep it above the idle timeout of clients and load balancers)")
-    flag(gw, "--max-inflight", type=int, default=64,
+    flag(gw, "--max-inflight", type=int, default=32,
              help="gateway: chat completions in flight at once; more are refused with 503 + Retry-After "
-                  "(PALM_RLHF_MAX_INFLIGHT, default 64, 0 = no cap)")
+                  "(PALM_RLHF_MAX_INFLIGHT, default 32, 0 = no cap)")
     flag(gw, "--body-timeout", type=float, default=30.0,
              help="gateway: seconds a request body may take to arrive; slower clients get 408 "
                   "(PALM_RLHF_BODY_TIMEOUT, default 30, 0 = none)")

@@ -19,6 +19,7 @@ candidates that were generated and scored but not returned. Feedback may name an
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sqlite3
@@ -54,6 +55,20 @@ def _is_connection_error(e: BaseException) -> bool:
     return isinstance(e, (psycopg.OperationalError, psycopg.InterfaceError)) and not isinstance(
         e, psycopg.errors.QueryCanceled
     )
+
+
+def _read_retried_once(method):
+    """A read that fails on a connection found dead mid-query is run once more, on a new one
+    (the dead connection was dropped); reads change nothing, so running them twice is safe."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except StoreUnavailable:
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 class StoreUnavailable(StoreError):
@@ -572,6 +587,7 @@ class FeedbackStore:
 
     # -- reads ---------------------------------------------------------------------------
 
+    @_read_retried_once
     def get_completion(self, completion_id: str, *, with_candidates: bool = True) -> CompletionRecord:
         """The whole interaction; raises CompletionNotFound."""
         with self._tx(write=False) as ex:
@@ -611,6 +627,7 @@ class FeedbackStore:
             )
         return out
 
+    @_read_retried_once
     def list_completions(
         self,
         *,
@@ -635,6 +652,7 @@ class FeedbackStore:
                     r.candidates = cands[r.id]
         return recs
 
+    @_read_retried_once
     def list_feedback(self, completion_id: str) -> list[FeedbackRecord]:
         """Feedback on one completion, oldest first; raises CompletionNotFound."""
         with self._tx(write=False) as ex:
@@ -669,6 +687,7 @@ class FeedbackStore:
             if len(rows) < batch_size:
                 return
 
+    @_read_retried_once
     def count_feedback_since(self, since_id: int = 0) -> int:
         """How many feedback rows have ``id > since_id`` (the trainer's "new feedback" count)."""
         with self._tx(write=False) as ex:
@@ -695,6 +714,7 @@ class FeedbackStore:
                 "policy_version": comp.policy_version,
             }
 
+    @_read_retried_once
     def counts(self) -> dict[str, int]:
         """Row counts: completions, candidates, feedback, and feedback per kind."""
         with self._tx(write=False) as ex:

@@ -309,7 +309,7 @@ class GatewayServeSettings(ServeSettings):
     api_keys_file: str | None = None
     rate_limit: str = DEFAULT_RATE_LIMIT
     keep_alive: float = Field(default=75.0, gt=0)
-    max_inflight: int = Field(default=64, ge=0)
+    max_inflight: int = Field(default=32, ge=0)
     body_timeout: float = Field(default=30.0, ge=0)
     max_body_bytes: int = Field(default=1 << 20, gt=0)
     min_answer_tokens: int = Field(default=32, ge=1)
