@@ -8,7 +8,8 @@ Measures, for sequence lengths 512 to 8192 (default dtype bf16, 16 heads of 128)
 * SwiGLU forward and backward in GB/s against the unfused PyTorch expression, with a
   device-to-device copy as the achievable-bandwidth reference;
 * split-K decode attention (one new token against a KV cache) in GB/s of cache read,
-  against the PyTorch fallback of ``kernels.dispatch.decode_attention``;
+  against the PyTorch fallback of ``kernels.dispatch.decode_attention``, for equal
+  lengths and for a left-padded batch (per-row first slots);
 * a whole PaLM prefill and one decode step with the kernels (``set_backend("triton")``)
   and without (``set_backend("torch")``).
 
@@ -217,8 +218,10 @@ def bench_swiglu(torch: Any, dtype: Any, seq: int) -> dict:
             "fwd_gbps": swiglu_bytes(seq, hidden, elt, False) / fwd_ms * 1e-6,
             "bwd_gbps": swiglu_bytes(seq, hidden, elt, True) / bwd_ms * 1e-6,
         }
-    # achievable bandwidth: a plain copy of the same number of bytes as the forward pass
-    src = torch.empty(int(swiglu_bytes(seq, hidden, 1, False)) // 2, device="cuda", dtype=torch.uint8)
+    # achievable bandwidth: a plain copy moving as many bytes as the forward pass (reads
+    # half of them, writes the other half), whatever the element size
+    row["copy_bytes"] = copy_bytes = int(swiglu_bytes(seq, hidden, elt, False))
+    src = torch.empty(copy_bytes // 2, device="cuda", dtype=torch.uint8)
     dst = torch.empty_like(src)
     copy_ms = bench_ms(lambda: dst.copy_(src))
     row["copy_gbps"] = 2 * src.numel() / copy_ms * 1e-6
@@ -251,6 +254,24 @@ def bench_decode(torch: Any, dtype: Any, cache_len: int, kv_heads: int) -> dict:
             ms = bench_ms(fn)
             row[name] = {"ms": ms, "gbps": nbytes / ms * 1e-6}
     row["speedup_vs_torch"] = row["torch"]["ms"] / row["triton"]["ms"]
+
+    # a left-padded batch (a continuous batch of mixed lengths): row i starts at slot
+    # first[i], spread over the first half of the cache; the bytes are the slots read
+    first = (torch.arange(DECODE_BATCH, device="cuda") * cache_len) // (2 * DECODE_BATCH)
+    padded_bytes = decode_bytes(1, kv_heads, int((lens - first).sum()), HEAD_DIM, q.element_size())
+    padded: dict[str, Any] = {"first_slots": first.tolist()}
+    with torch.inference_mode():
+        ours = triton_decode_attention(q, k_cache, v_cache, lens, first_slot=first)
+        ref = _decode_attention_torch(q, k_cache, v_cache, lens, None, first)
+        padded["max_abs_diff_vs_torch"] = (ours.float() - ref.float()).abs().max().item()
+        for name, fn in (
+            ("triton", functools.partial(triton_decode_attention, q, k_cache, v_cache, lens, first_slot=first)),
+            ("torch", functools.partial(_decode_attention_torch, q, k_cache, v_cache, lens, None, first)),
+        ):
+            ms = bench_ms(fn)
+            padded[name] = {"ms": ms, "gbps": padded_bytes / ms * 1e-6}
+    padded["speedup_vs_torch"] = padded["torch"]["ms"] / padded["triton"]["ms"]
+    row["padded"] = padded
     return row
 
 
@@ -291,15 +312,28 @@ def bench_palm(torch: Any, dtype: Any, seq_lens: list[int]) -> dict:
         tok = torch.randint(0, PALM_SHAPE["num_tokens"], (DECODE_BATCH, 1), device="cuda")
         positions = torch.full((1, 1), ctx - 1, device="cuda", dtype=torch.long)
         row = {"batch": DECODE_BATCH, "context": ctx}
+        # the same step for a left-padded batch (rows starting at different slots), as the
+        # generation engine runs it: a decode mask plus each row's first slot
+        first = (torch.arange(DECODE_BATCH, device="cuda") * ctx) // (2 * DECODE_BATCH)
+        slots = torch.arange(ctx, device="cuda")
+        decode_mask = (slots[None] >= first[:, None])[:, None, None, :]
+        padded_positions = (ctx - 1 - first)[:, None]
         with torch.inference_mode():
             for backend in ("torch", "triton"):
                 with dispatch.use_backend(backend):
                     ms = bench_ms(functools.partial(model.forward_cached, tok, positions, caches, ctx - 1))
-                row[backend] = {"ms": ms, "tokens_per_s": DECODE_BATCH / ms * 1e3}
+                    row[backend] = {"ms": ms, "tokens_per_s": DECODE_BATCH / ms * 1e3}
+                    ms = bench_ms(functools.partial(
+                        model.forward_cached, tok, padded_positions, caches, ctx - 1,
+                        decode_mask=decode_mask, row_start=first,
+                    ))
+                    row[f"{backend}_padded"] = {"ms": ms, "tokens_per_s": DECODE_BATCH / ms * 1e3}
         row["speedup"] = row["torch"]["ms"] / row["triton"]["ms"]
+        row["speedup_padded"] = row["torch_padded"]["ms"] / row["triton_padded"]["ms"]
         out["decode"].append(row)
         print(f"  decode ctx {ctx:5d}: torch {row['torch']['ms']:.3f} ms, triton {row['triton']['ms']:.3f} ms "
-              f"({row['speedup']:.2f}x)")
+              f"({row['speedup']:.2f}x); left-padded: torch {row['torch_padded']['ms']:.3f} ms, "
+              f"triton {row['triton_padded']['ms']:.3f} ms ({row['speedup_padded']:.2f}x)")
         del cache, caches
     return out
 
@@ -307,6 +341,14 @@ def bench_palm(torch: Any, dtype: Any, seq_lens: list[int]) -> dict:
 # ---------------------------------------------------------------------------
 # driver
 # ---------------------------------------------------------------------------
+
+
+def save_partial(args: argparse.Namespace, result: dict) -> None:
+    """With ``--json``, write what has been measured so far after each part, so that a run
+    stopped part-way (a time limit) still leaves its figures."""
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({**result, "partial": True}, indent=2))
 
 
 def run_gpu(args: argparse.Namespace) -> dict:
@@ -351,6 +393,7 @@ def run_gpu(args: argparse.Namespace) -> dict:
                               f"{f['fwd_tflops']:9.1f} {row['fwd_speedup_vs_flash']:5.2f} | "
                               f"{t['bwd_tflops']:8.1f} {f['bwd_tflops']:9.1f} {row['bwd_speedup_vs_flash']:5.2f}")
         result["attention"] = rows
+        save_partial(args, result)
 
     if "swiglu" not in args.skip:
         print(f"\nswiglu (GB/s; tokens = seq, hidden = {4 * SWIGLU_DIM})")
@@ -365,6 +408,7 @@ def run_gpu(args: argparse.Namespace) -> dict:
                 print(f"  {seq:6d} | {t['fwd_gbps']:8.0f} {u['fwd_gbps']:9.0f} | {t['bwd_gbps']:8.0f} "
                       f"{u['bwd_gbps']:9.0f} | {row['copy_gbps']:6.0f}")
         result["swiglu"] = rows
+        save_partial(args, result)
 
     if "decode" not in args.skip:
         print(f"\ndecode attention, one new token (GB/s of KV cache read; batch {DECODE_BATCH})")
@@ -375,9 +419,13 @@ def run_gpu(args: argparse.Namespace) -> dict:
                 row.update({"cache_len": ctx, "kv_heads": kv_heads})
                 rows.append(row)
                 if "error" not in row:
+                    p = row["padded"]
                     print(f"  ctx {ctx:5d} kvh {kv_heads:2d}: ours {row['triton']['gbps']:7.0f}  "
-                          f"torch {row['torch']['gbps']:7.0f}  ({row['speedup_vs_torch']:.2f}x)")
+                          f"torch {row['torch']['gbps']:7.0f}  ({row['speedup_vs_torch']:.2f}x); left-padded: "
+                          f"ours {p['triton']['gbps']:7.0f}  torch {p['torch']['gbps']:7.0f}  "
+                          f"({p['speedup_vs_torch']:.2f}x)")
         result["decode"] = rows
+        save_partial(args, result)
 
     if "palm" not in args.skip:
         print(f"\nPaLM {PALM_SHAPE}: prefill (batch 1) and one decode step (batch {DECODE_BATCH})")
@@ -418,7 +466,7 @@ def run_smoke() -> dict:
     import torch.nn.functional as F
 
     from kernels.attention import triton_attention, triton_decode_attention
-    from kernels.dispatch import _decode_attention_torch
+    from kernels.dispatch import _decode_attention_torch, dense_key_mask
     from kernels.swiglu import triton_swiglu
 
     torch.manual_seed(0)
@@ -430,11 +478,22 @@ def run_smoke() -> dict:
     ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     x = torch.randn(5, 96)
     value, gate = x.chunk(2, -1)
+    key_valid = torch.arange(33)[None] >= 5  # five slots of left padding
+    first = torch.tensor([5])
     with torch.no_grad():
         dec = triton_decode_attention(q[:, :, -1:], k, v, 33, num_splits=2)
+        dec_padded = triton_decode_attention(q[:, :, -1:], k, v, 33, num_splits=2, first_slot=first)
+        masked = triton_attention(q, k, v, key_valid=key_valid)
+        masked_ref = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=dense_key_mask(key_valid, 33, True), enable_gqa=True
+        )
     checks = {
         "attention_max_abs_diff": (out - ref).abs().max().item(),
+        "attention_key_mask_max_abs_diff": (masked - masked_ref).abs().max().item(),
         "decode_max_abs_diff": (dec - _decode_attention_torch(q[:, :, -1:], k, v, 33, None)).abs().max().item(),
+        "decode_first_slot_max_abs_diff": (
+            dec_padded - _decode_attention_torch(q[:, :, -1:], k, v, 33, None, first)
+        ).abs().max().item(),
         "swiglu_max_abs_diff": (triton_swiglu(x) - F.silu(gate) * value).abs().max().item(),
     }
     for name, diff in checks.items():

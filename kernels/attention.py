@@ -204,6 +204,7 @@ def _fwd_span(
     q,
     k_base,
     v_base,
+    kv_base,
     stride_kn,
     stride_kd,
     stride_vn,
@@ -218,12 +219,15 @@ def _fwd_span(
     BLOCK_N: tl.constexpr,
     MASK_CAUSAL: tl.constexpr,
     MASK_TAIL: tl.constexpr,
+    MASK_KEYS: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Online-softmax pass of one query tile over key columns [lo, hi).
 
     Scores are kept in the log2 domain (qk_scale includes log2(e)), so exp2 is used.
+    With MASK_KEYS, ``kv_base`` points at this batch row's key-valid flags: invalid keys
+    are masked, except (with MASK_CAUSAL) a query's own key.
     """
     d_ok = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
@@ -236,13 +240,25 @@ def _fwd_span(
             other=0.0,
         )
         s = _dot(q, kt, UPCAST_DOT, DOT_PRECISION) * qk_scale
-        if MASK_CAUSAL:
+        if MASK_KEYS:
+            key_ok = tl.load(kv_base + offs_n, mask=n_ok, other=0) != 0
+            if MASK_CAUSAL:
+                ok = ((offs_m[:, None] >= offs_n[None, :]) & key_ok[None, :]) | (offs_m[:, None] == offs_n[None, :])
+            else:
+                ok = key_ok[None, :] & (offs_m[:, None] >= 0)
+            s = tl.where(ok, s, float("-inf"))
+        elif MASK_CAUSAL:
             s = tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
         if MASK_TAIL:
             s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, _reduce_max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
+        if MASK_KEYS:
+            # a row may have seen no key yet: use a finite reference (no -inf - -inf)
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_ref = m_new
+        p = tl.exp2(s - m_ref[:, None])
+        alpha = tl.exp2(m_i - m_ref)
         l_i = l_i * alpha + _reduce_sum(p, 1)
         # V tile: (BLOCK_N, BLOCK_D)
         v = tl.load(
@@ -272,6 +288,7 @@ def _dkdv_span(
     stride_dod,
     offs_n,
     offs_d,
+    key_ok,
     lo,
     hi,
     seq_len,
@@ -279,6 +296,7 @@ def _dkdv_span(
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     MASK_CAUSAL: tl.constexpr,
+    MASK_KEYS: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -303,7 +321,14 @@ def _dkdv_span(
         st = _dot(k, tl.trans(q), UPCAST_DOT, DOT_PRECISION)
         pt = tl.exp2(st * qk_scale - lse[None, :])
         keep = m_ok[None, :]
-        if MASK_CAUSAL:
+        if MASK_KEYS:
+            # key_ok: (BLOCK_N,) flags of this program's keys
+            if MASK_CAUSAL:
+                keep = keep & (((offs_m[None, :] >= offs_n[:, None]) & key_ok[:, None])
+                               | (offs_m[None, :] == offs_n[:, None]))
+            else:
+                keep = keep & key_ok[:, None]
+        elif MASK_CAUSAL:
             keep = keep & (offs_m[None, :] >= offs_n[:, None])
         pt = tl.where(keep, pt, 0.0)
         dv = _dot_acc(pt.to(do.dtype), do, dv, UPCAST_DOT, DOT_PRECISION)
@@ -326,6 +351,7 @@ def _dq_span(
     stride_kd,
     stride_vn,
     stride_vd,
+    kv_base,
     offs_m,
     offs_d,
     lo,
@@ -335,6 +361,7 @@ def _dq_span(
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
     MASK_CAUSAL: tl.constexpr,
+    MASK_KEYS: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -352,7 +379,14 @@ def _dq_span(
         s = _dot(q, kt, UPCAST_DOT, DOT_PRECISION)
         p = tl.exp2(s * qk_scale - lse[:, None])
         keep = n_ok[None, :]
-        if MASK_CAUSAL:
+        if MASK_KEYS:
+            key_ok = tl.load(kv_base + offs_n, mask=n_ok, other=0) != 0
+            if MASK_CAUSAL:
+                keep = keep & (((offs_m[:, None] >= offs_n[None, :]) & key_ok[None, :])
+                               | (offs_m[:, None] == offs_n[None, :]))
+            else:
+                keep = keep & key_ok[None, :]
+        elif MASK_CAUSAL:
             keep = keep & (offs_m[:, None] >= offs_n[None, :])
         p = tl.where(keep, p, 0.0)
         dp = _dot(do, vt, UPCAST_DOT, DOT_PRECISION)
@@ -368,7 +402,7 @@ def _dq_span(
 
 @triton.autotune(
     configs=_FWD_CONFIGS,
-    key=["seq_bucket", "HEAD_DIM", "CAUSAL"],
+    key=["seq_bucket", "HEAD_DIM", "CAUSAL", "MASK_KEYS"],
     prune_configs_by={"early_config_prune": config_pruner(_keep_fwd)},
 )
 @triton.jit
@@ -378,6 +412,7 @@ def _attn_fwd_kernel(
     V,
     O,
     LSE,
+    KEY_VALID,
     stride_qb,
     stride_qh,
     stride_qm,
@@ -394,6 +429,7 @@ def _attn_fwd_kernel(
     stride_oh,
     stride_om,
     stride_od,
+    stride_kvb,
     num_heads,
     group,
     seq_len,
@@ -402,6 +438,7 @@ def _attn_fwd_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr,
+    MASK_KEYS: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -435,6 +472,7 @@ def _attn_fwd_kernel(
     )
     k_base = K + off_b * stride_kb + off_kvh * stride_kh
     v_base = V + off_b * stride_vb + off_kvh * stride_vh
+    kv_base = KEY_VALID + off_b * stride_kvb
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.full([BLOCK_M], 0.0, tl.float32)
@@ -442,23 +480,23 @@ def _attn_fwd_kernel(
     if CAUSAL:
         # Key tiles wholly left of this query tile need no mask; the tile(s) on the
         # diagonal do.
-        acc, l_i, m_i = _fwd_span(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        acc, l_i, m_i = _fwd_span(acc, l_i, m_i, q, k_base, v_base, kv_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                   offs_m, offs_d, 0, start_m, seq_len, qk_scale,
-                                  HEAD_DIM, BLOCK_N, False, False, UPCAST_DOT, DOT_PRECISION)
-        acc, l_i, m_i = _fwd_span(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                                  HEAD_DIM, BLOCK_N, False, False, MASK_KEYS, UPCAST_DOT, DOT_PRECISION)
+        acc, l_i, m_i = _fwd_span(acc, l_i, m_i, q, k_base, v_base, kv_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                   offs_m, offs_d, start_m, tl.minimum(start_m + BLOCK_M, seq_len), seq_len,
-                                  qk_scale, HEAD_DIM, BLOCK_N, True, True, UPCAST_DOT, DOT_PRECISION)
+                                  qk_scale, HEAD_DIM, BLOCK_N, True, True, MASK_KEYS, UPCAST_DOT, DOT_PRECISION)
     else:
         full_hi = (seq_len // BLOCK_N) * BLOCK_N
-        acc, l_i, m_i = _fwd_span(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        acc, l_i, m_i = _fwd_span(acc, l_i, m_i, q, k_base, v_base, kv_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                   offs_m, offs_d, 0, full_hi, seq_len, qk_scale,
-                                  HEAD_DIM, BLOCK_N, False, False, UPCAST_DOT, DOT_PRECISION)
-        acc, l_i, m_i = _fwd_span(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                                  HEAD_DIM, BLOCK_N, False, False, MASK_KEYS, UPCAST_DOT, DOT_PRECISION)
+        acc, l_i, m_i = _fwd_span(acc, l_i, m_i, q, k_base, v_base, kv_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                   offs_m, offs_d, full_hi, seq_len, seq_len, qk_scale,
-                                  HEAD_DIM, BLOCK_N, False, True, UPCAST_DOT, DOT_PRECISION)
+                                  HEAD_DIM, BLOCK_N, False, True, MASK_KEYS, UPCAST_DOT, DOT_PRECISION)
 
-    # Every stored row saw at least its own key, so l_i > 0 there; padded rows are
-    # guarded so that they cannot produce NaN either.
+    # Every stored row saw at least its own key (causal), so l_i > 0 there; padded rows,
+    # and rows a key mask leaves empty (their output is 0), cannot produce NaN either.
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
     tl.store(
@@ -510,7 +548,7 @@ def _attn_bwd_delta_kernel(
 
 @triton.autotune(
     configs=_DKDV_CONFIGS,
-    key=["seq_bucket", "HEAD_DIM", "CAUSAL"],
+    key=["seq_bucket", "HEAD_DIM", "CAUSAL", "MASK_KEYS"],
     prune_configs_by={"early_config_prune": config_pruner(_keep_dkdv)},
 )
 @triton.jit
@@ -523,6 +561,7 @@ def _attn_bwd_dkdv_kernel(
     DV,
     LSE,
     DELTA,
+    KEY_VALID,
     stride_qb,
     stride_qh,
     stride_qm,
@@ -547,6 +586,7 @@ def _attn_bwd_dkdv_kernel(
     stride_dvh,
     stride_dvn,
     stride_dvd,
+    stride_kvb,
     num_kv_heads,
     group,
     seq_len,
@@ -556,6 +596,7 @@ def _attn_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr,
+    MASK_KEYS: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -585,6 +626,10 @@ def _attn_bwd_dkdv_kernel(
                 mask=kv_mask, other=0.0)
     dk = tl.full([BLOCK_N, BLOCK_D], 0.0, tl.float32)
     dv = tl.full([BLOCK_N, BLOCK_D], 0.0, tl.float32)
+    if MASK_KEYS:
+        key_ok = tl.load(KEY_VALID + off_b * stride_kvb + offs_n, mask=n_ok, other=0) != 0
+    else:
+        key_ok = n_ok
 
     for g in range(group):
         off_h = off_kvh * group + g
@@ -598,18 +643,18 @@ def _attn_bwd_dkdv_kernel(
             # tile need the mask, rows below it do not.
             diag_hi = tl.minimum(start_n + BLOCK_N, seq_len)
             dk, dv = _dkdv_span(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-                                stride_qm, stride_qd, stride_dom, stride_dod, offs_n, offs_d,
+                                stride_qm, stride_qd, stride_dom, stride_dod, offs_n, offs_d, key_ok,
                                 start_n, diag_hi, seq_len, qk_scale,
-                                HEAD_DIM, BLOCK_M, True, UPCAST_DOT, DOT_PRECISION)
+                                HEAD_DIM, BLOCK_M, True, MASK_KEYS, UPCAST_DOT, DOT_PRECISION)
             dk, dv = _dkdv_span(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-                                stride_qm, stride_qd, stride_dom, stride_dod, offs_n, offs_d,
+                                stride_qm, stride_qd, stride_dom, stride_dod, offs_n, offs_d, key_ok,
                                 start_n + BLOCK_N, seq_len, seq_len, qk_scale,
-                                HEAD_DIM, BLOCK_M, False, UPCAST_DOT, DOT_PRECISION)
+                                HEAD_DIM, BLOCK_M, False, MASK_KEYS, UPCAST_DOT, DOT_PRECISION)
         else:
             dk, dv = _dkdv_span(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-                                stride_qm, stride_qd, stride_dom, stride_dod, offs_n, offs_d,
+                                stride_qm, stride_qd, stride_dom, stride_dod, offs_n, offs_d, key_ok,
                                 0, seq_len, seq_len, qk_scale,
-                                HEAD_DIM, BLOCK_M, False, UPCAST_DOT, DOT_PRECISION)
+                                HEAD_DIM, BLOCK_M, False, MASK_KEYS, UPCAST_DOT, DOT_PRECISION)
 
     dk = dk * sm_scale
     tl.store(DK + off_b * stride_dkb + off_kvh * stride_dkh + rows * stride_dkn + offs_d[None, :] * stride_dkd,
@@ -620,7 +665,7 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.autotune(
     configs=_DQ_CONFIGS,
-    key=["seq_bucket", "HEAD_DIM", "CAUSAL"],
+    key=["seq_bucket", "HEAD_DIM", "CAUSAL", "MASK_KEYS"],
     prune_configs_by={"early_config_prune": config_pruner(_keep_dq)},
 )
 @triton.jit
@@ -632,6 +677,7 @@ def _attn_bwd_dq_kernel(
     DQ,
     LSE,
     DELTA,
+    KEY_VALID,
     stride_qb,
     stride_qh,
     stride_qm,
@@ -652,6 +698,7 @@ def _attn_bwd_dq_kernel(
     stride_dqh,
     stride_dqm,
     stride_dqd,
+    stride_kvb,
     num_heads,
     group,
     seq_len,
@@ -661,6 +708,7 @@ def _attn_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr,
+    MASK_KEYS: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -692,19 +740,20 @@ def _attn_bwd_dq_kernel(
     delta = tl.load(DELTA + pid_bh * seq_len + offs_m, mask=m_ok, other=0.0)
     k_base = K + off_b * stride_kb + off_kvh * stride_kh
     v_base = V + off_b * stride_vb + off_kvh * stride_vh
+    kv_base = KEY_VALID + off_b * stride_kvb
 
     dq = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
     if CAUSAL:
         dq = _dq_span(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                      offs_m, offs_d, 0, start_m, seq_len, qk_scale,
-                      HEAD_DIM, BLOCK_N, False, UPCAST_DOT, DOT_PRECISION)
+                      kv_base, offs_m, offs_d, 0, start_m, seq_len, qk_scale,
+                      HEAD_DIM, BLOCK_N, False, MASK_KEYS, UPCAST_DOT, DOT_PRECISION)
         dq = _dq_span(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                      offs_m, offs_d, start_m, tl.minimum(start_m + BLOCK_M, seq_len), seq_len, qk_scale,
-                      HEAD_DIM, BLOCK_N, True, UPCAST_DOT, DOT_PRECISION)
+                      kv_base, offs_m, offs_d, start_m, tl.minimum(start_m + BLOCK_M, seq_len), seq_len, qk_scale,
+                      HEAD_DIM, BLOCK_N, True, MASK_KEYS, UPCAST_DOT, DOT_PRECISION)
     else:
         dq = _dq_span(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                      offs_m, offs_d, 0, seq_len, seq_len, qk_scale,
-                      HEAD_DIM, BLOCK_N, False, UPCAST_DOT, DOT_PRECISION)
+                      kv_base, offs_m, offs_d, 0, seq_len, seq_len, qk_scale,
+                      HEAD_DIM, BLOCK_N, False, MASK_KEYS, UPCAST_DOT, DOT_PRECISION)
     dq = dq * sm_scale
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + rows * stride_dqm + offs_d[None, :] * stride_dqd,
              dq.to(DQ.dtype.element_ty), mask=io_mask)
@@ -716,6 +765,7 @@ def _decode_split_kernel(
     K,
     V,
     LENS,
+    FIRST,
     O,
     PART_O,
     PART_LSE,
@@ -746,11 +796,14 @@ def _decode_split_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr,
+    HAS_FIRST: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """One split of the cache for one kv head: every query row (head sharing this kv
     head x new token) attends to keys [split * split_len, (split + 1) * split_len).
+    With HAS_FIRST, keys before the batch row's first slot (FIRST, left padding) are
+    skipped; a split that lies wholly before it contributes nothing.
 
     With SINGLE_SPLIT the normalised result goes straight to O; otherwise the
     normalised partial output and its log2-domain log-sum-exp go to PART_O
@@ -786,6 +839,8 @@ def _decode_split_kernel(
 
     lo = pid_s * split_len
     hi = tl.minimum(lo + split_len, cache_len)
+    if HAS_FIRST:
+        lo = tl.maximum(lo, tl.load(FIRST + off_b).to(tl.int32))
     k_base = K + off_b * stride_kb + off_kvh * stride_kh
     v_base = V + off_b * stride_vb + off_kvh * stride_vh
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
@@ -912,33 +967,51 @@ def _empty_like_rows(t: torch.Tensor) -> torch.Tensor:
     return torch.empty((batch, heads, seq, head_dim), device=t.device, dtype=t.dtype)
 
 
-def _common_meta(q: torch.Tensor, causal: bool) -> dict[str, Any]:
+def _common_meta(q: torch.Tensor, causal: bool, key_valid: torch.Tensor | None = None) -> dict[str, Any]:
     head_dim = q.shape[-1]
     return {
         "HEAD_DIM": head_dim,
         "BLOCK_D": _block_d(head_dim),
         "CAUSAL": bool(causal),
+        "MASK_KEYS": key_valid is not None,
         "UPCAST_DOT": _INTERPRETED and q.dtype == torch.bfloat16,
         "DOT_PRECISION": dot_precision(q.dtype),
     }
 
 
+def _key_flags(key_valid: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The key-valid flags as a (batch, seq) uint8 tensor and its batch stride; without a
+    mask a placeholder pointer the kernels never read."""
+    if key_valid is None:
+        return like, 0
+    flags = key_valid if key_valid.dtype == torch.uint8 else key_valid.to(torch.bool).view(torch.uint8)
+    if flags.stride(-1) != 1:
+        flags = flags.contiguous()
+    return flags, flags.stride(0)
+
+
 def _attention_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sm_scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    sm_scale: float,
+    key_valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     batch, heads, seq_len, _ = q.shape
     kv_heads = k.shape[1]
     out = _empty_like_rows(q)
     lse = torch.empty((batch, heads, seq_len), device=q.device, dtype=torch.float32)
+    flags, stride_kvb = _key_flags(key_valid, q)
 
     def grid(meta: dict[str, Any]) -> tuple[int, int]:
         return (triton.cdiv(seq_len, meta["BLOCK_M"]), batch * heads)
 
     _attn_fwd_kernel[grid](
-        q, k, v, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        q, k, v, out, lse, flags,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), stride_kvb,
         heads, heads // kv_heads, seq_len, _seq_bucket(seq_len), sm_scale * _LOG2E,
-        **_common_meta(q, causal),
+        **_common_meta(q, causal, key_valid),
     )
     return out, lse
 
@@ -952,12 +1025,14 @@ def _attention_backward(
     lse: torch.Tensor,
     causal: bool,
     sm_scale: float,
+    key_valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     batch, heads, seq_len, head_dim = q.shape
     kv_heads = k.shape[1]
     group = heads // kv_heads
-    meta = _common_meta(q, causal)
+    meta = _common_meta(q, causal, key_valid)
     bucket = _seq_bucket(seq_len)
+    flags, stride_kvb = _key_flags(key_valid, q)
 
     delta = torch.empty_like(lse)
     _attn_bwd_delta_kernel[(triton.cdiv(seq_len, _DELTA_BLOCK_M), batch * heads)](
@@ -976,8 +1051,8 @@ def _attention_backward(
         return (triton.cdiv(seq_len, m["BLOCK_N"]), batch * kv_heads)
 
     _attn_bwd_dkdv_kernel[dkdv_grid](
-        q, k, v, grad_out, dk, dv, lse, delta,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
+        q, k, v, grad_out, dk, dv, lse, delta, flags,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(), stride_kvb,
         kv_heads, group, seq_len, bucket, sm_scale * _LOG2E, sm_scale,
         **meta,
     )
@@ -986,8 +1061,8 @@ def _attention_backward(
         return (triton.cdiv(seq_len, m["BLOCK_M"]), batch * heads)
 
     _attn_bwd_dq_kernel[dq_grid](
-        q, k, v, grad_out, dq, lse, delta,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
+        q, k, v, grad_out, dq, lse, delta, flags,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), stride_kvb,
         heads, group, seq_len, bucket, sm_scale * _LOG2E, sm_scale,
         **meta,
     )
@@ -1012,6 +1087,7 @@ def _decode_forward(
     span_len: int,
     sm_scale: float,
     num_splits: int | None,
+    first: torch.Tensor | None = None,
 ) -> torch.Tensor:
     batch, heads, n_new, head_dim = q.shape
     kv_heads = k_cache.shape[1]
@@ -1028,6 +1104,7 @@ def _decode_forward(
     out = _empty_like_rows(q)
     meta = _common_meta(q, causal=True)
     meta.pop("CAUSAL")
+    meta.pop("MASK_KEYS")
     launch = {"num_warps": _DECODE_CONFIG.num_warps, "num_stages": _DECODE_CONFIG.num_stages}
     if num_splits == 1:
         part_o = part_lse = out  # unused by the kernel
@@ -1035,10 +1112,10 @@ def _decode_forward(
         part_o = torch.empty((batch, heads, n_new, num_splits, head_dim), device=q.device, dtype=torch.float32)
         part_lse = torch.empty((batch, heads, n_new, num_splits), device=q.device, dtype=torch.float32)
     _decode_split_kernel[(num_splits, row_blocks, batch * kv_heads)](
-        q, k_cache, v_cache, lens, out, part_o, part_lse,
+        q, k_cache, v_cache, lens, lens if first is None else first, out, part_o, part_lse,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
         kv_heads, group, n_new, num_splits, split_len, sm_scale * _LOG2E,
-        BLOCK_R=block_r, BLOCK_N=block_n, SINGLE_SPLIT=num_splits == 1,
+        BLOCK_R=block_r, BLOCK_N=block_n, SINGLE_SPLIT=num_splits == 1, HAS_FIRST=first is not None,
         **meta, **launch,
     )
     if num_splits > 1:
@@ -1058,9 +1135,18 @@ def _decode_forward(
 
 class TritonAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sm_scale: float):
-        out, lse = _attention_forward(q, k, v, causal, sm_scale)
+    def forward(
+        ctx: Any,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        causal: bool,
+        sm_scale: float,
+        key_valid: torch.Tensor | None = None,
+    ):
+        out, lse = _attention_forward(q, k, v, causal, sm_scale, key_valid)
         ctx.save_for_backward(q, k, v, out, lse)
+        ctx.key_valid = key_valid
         ctx.causal = causal
         ctx.sm_scale = sm_scale
         return out
@@ -1068,8 +1154,8 @@ class TritonAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _attention_backward(grad_out, q, k, v, out, lse, ctx.causal, ctx.sm_scale)
-        return dq, dk, dv, None, None
+        dq, dk, dv = _attention_backward(grad_out, q, k, v, out, lse, ctx.causal, ctx.sm_scale, ctx.key_valid)
+        return dq, dk, dv, None, None, None
 
 
 # ---------------------------------------------------------------------------
@@ -1083,19 +1169,31 @@ def triton_attention(
     v: torch.Tensor,
     causal: bool = True,
     scale: float | None = None,
+    key_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """softmax(q k^T * scale [+ causal mask]) v, fused, differentiable.
+    """softmax(q k^T * scale [+ causal mask] [+ key mask]) v, fused, differentiable.
 
     q: (batch, heads, seq, head_dim); k, v: (batch, kv_heads, seq, head_dim) with
     kv_heads dividing heads. Returns (batch, heads, seq, head_dim) in q's dtype, stored
     sequence-major when q is (as a view of a (batch, seq, heads, head_dim) buffer).
     ``scale`` defaults to head_dim ** -0.5.
+
+    ``key_valid`` (batch, seq) bool (or uint8) marks the keys each batch row may attend
+    to: left padding of a mixed-length batch, right padding of scored sequences, any
+    key-padding mask. With ``causal`` a query also sees only keys up to its own position
+    and always sees its own key (a padding query attends to itself alone, as the model's
+    dense masks have it); without, a query whose row has no valid key gets zeros.
     """
     _check_attention_inputs(q, k, v)
     if k.shape[2] != q.shape[2]:
         raise ValueError("triton_attention needs equal query and key lengths; use triton_decode_attention")
+    if key_valid is not None:
+        if key_valid.shape != (q.shape[0], k.shape[2]):
+            raise ValueError(f"key_valid must have shape (batch, seq) = {(q.shape[0], k.shape[2])}")
+        if key_valid.device != q.device:
+            raise ValueError("key_valid must be on the device of q")
     sm_scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    return TritonAttentionFunction.apply(q, k, v, bool(causal), sm_scale)
+    return TritonAttentionFunction.apply(q, k, v, bool(causal), sm_scale, key_valid)
 
 
 def triton_decode_attention(
@@ -1105,6 +1203,7 @@ def triton_decode_attention(
     cache_len: int | torch.Tensor,
     scale: float | None = None,
     num_splits: int | None = None,
+    first_slot: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of a few new tokens against a KV cache (inference only, no gradient).
 
@@ -1113,6 +1212,8 @@ def triton_decode_attention(
     of valid cache entries, the new tokens' own keys included: they are the last
     ``n_new`` valid entries and are causal among themselves. ``num_splits`` overrides
     how many pieces the cache is cut into (chosen from the device size by default).
+    ``first_slot`` (an int tensor of shape (batch,) or ()) is each row's first valid
+    entry: keys before it are not attended (the left padding of a mixed-length batch).
     """
     _check_attention_inputs(q, k_cache, v_cache)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
@@ -1129,5 +1230,10 @@ def triton_decode_attention(
             raise ValueError(f"cache_len {cache_len} must lie in [n_new={n_new}, max_len={max_len}]")
         lens = torch.full((batch,), int(cache_len), device=q.device, dtype=torch.int32)
         span_len = int(cache_len)
+    first = None
+    if first_slot is not None:
+        if first_slot.shape not in ((batch,), ()):
+            raise ValueError(f"first_slot must be a (batch,) tensor, got shape {tuple(first_slot.shape)}")
+        first = first_slot.to(device=q.device, dtype=torch.int32).expand(batch).contiguous()
     sm_scale = float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
-    return _decode_forward(q, k_cache, v_cache, lens, span_len, sm_scale, num_splits)
+    return _decode_forward(q, k_cache, v_cache, lens, span_len, sm_scale, num_splits, first)

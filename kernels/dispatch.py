@@ -15,9 +15,11 @@ creator's context as usual.
 Forcing ``triton`` on CPU tensors runs the kernels through the Triton interpreter,
 which needs ``TRITON_INTERPRET=1`` in the environment before the kernel modules are
 first imported; without it a clear error is raised. Calls the kernels do not cover
-(an explicit ``attn_mask``, dropout, unequal query/key lengths, head dims above 128,
+(an explicit dense ``attn_mask``, dropout, unequal query/key lengths, head dims above 128,
 dtypes other than fp16/bf16/fp32, a decode that needs gradients) always take the
-PyTorch path.
+PyTorch path; where the backend asked for Triton, each such call is counted by
+:mod:`kernels.fallbacks`. Padding is given to the kernels as ``key_valid`` (batch, keys)
+in :func:`attention` and ``first_slot`` (batch,) in :func:`decode_attention`.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
-from kernels import settings
+from kernels import fallbacks, settings
 
 _BACKENDS = settings.BACKENDS
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -102,19 +104,66 @@ def _use_triton(t: torch.Tensor) -> bool:
     )
 
 
+def _wants_triton(t: torch.Tensor) -> bool:
+    """Whether the backend asks for Triton on ``t`` (never raises): a call it sends to
+    PyTorch anyway is a fallback."""
+    backend = get_backend()
+    if backend == "torch":
+        return False
+    if backend == "auto":
+        return t.is_cuda and _triton_importable()
+    return True
+
+
+def kernels_wanted(t: torch.Tensor) -> bool:
+    """Whether the current backend asks for the Triton kernels on ``t`` (unlike
+    :func:`triton_enabled_for`, never raises)."""
+    return _wants_triton(t)
+
+
+def record_fallback(op: str, reason: str) -> None:
+    """Count a call that the caller sends to PyTorch although the kernels were asked for
+    (:mod:`kernels.fallbacks`)."""
+    fallbacks.record(op, reason)
+
+
+def _fallback(op: str, reason: str, t: torch.Tensor) -> None:
+    if _wants_triton(t):
+        fallbacks.record(op, reason)
+
+
+def _unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why the kernels cannot take these tensors (None: they can)."""
+    if not (q.dim() == 4 and k.dim() == 4 and k.shape == v.shape and q.shape[0] == k.shape[0]):
+        return "shape"
+    if q.shape[-1] != k.shape[-1] or k.shape[1] < 1 or q.shape[1] % k.shape[1] != 0:
+        return "shape"
+    if q.shape[-1] > _MAX_HEAD_DIM:
+        return "head_dim"
+    if q.dtype not in _KERNEL_DTYPES:
+        return "dtype"
+    if not q.dtype == k.dtype == v.dtype:
+        return "mixed_dtypes"
+    return None
+
+
 def _kernel_shapes_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    return (
-        q.dim() == 4
-        and k.shape == v.shape
-        and k.dim() == 4
-        and q.shape[0] == k.shape[0]
-        and q.shape[-1] == k.shape[-1]
-        and k.shape[1] >= 1
-        and q.shape[1] % k.shape[1] == 0
-        and q.shape[-1] <= _MAX_HEAD_DIM
-        and q.dtype in _KERNEL_DTYPES
-        and q.dtype == k.dtype == v.dtype
-    )
+    return _unsupported(q, k, v) is None
+
+
+def dense_key_mask(key_valid: torch.Tensor, n_queries: int, causal: bool) -> torch.Tensor:
+    """The boolean mask (batch, 1, queries, keys) that ``key_valid`` stands for in
+    :func:`attention`: key j is visible to every query of row b where ``key_valid[b, j]``;
+    with ``causal`` also only up to the query's own position, and a query always sees its
+    own key (so that no row is empty)."""
+    n_keys = key_valid.shape[-1]
+    mask = key_valid[:, None, None, :].bool()
+    if causal:
+        offset = n_keys - n_queries
+        qi = torch.arange(n_queries, device=key_valid.device)[:, None] + offset
+        kj = torch.arange(n_keys, device=key_valid.device)[None, :]
+        mask = (mask & (kj <= qi)) | (kj == qi)
+    return mask.expand(key_valid.shape[0], 1, n_queries, n_keys)
 
 
 def attention(
@@ -125,18 +174,35 @@ def attention(
     attn_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     scale: float | None = None,
+    key_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Multi-query attention. q: (batch, heads, seq, head_dim); k, v: (batch, kv_heads, seq, head_dim)."""
-    if (
-        attn_mask is None
-        and dropout_p == 0.0
-        and q.shape[-2] == k.shape[-2]
-        and _kernel_shapes_ok(q, k, v)
-        and _use_triton(q)
-    ):
+    """Multi-query attention. q: (batch, heads, seq, head_dim); k, v: (batch, kv_heads, seq, head_dim).
+
+    ``key_valid`` (batch, keys) bool marks the keys each row may attend to (left or right
+    padding, key-padding masks): see :func:`dense_key_mask` for its exact meaning, with and
+    without ``causal``. The kernels take it directly; an explicit ``attn_mask`` (any
+    pattern) always takes the PyTorch path. Give one or the other, not both.
+    """
+    if attn_mask is not None and key_valid is not None:
+        raise ValueError("give attn_mask or key_valid, not both")
+    if attn_mask is not None:
+        reason = "attn_mask"
+    elif dropout_p != 0.0:
+        reason = "dropout"
+    elif q.shape[-2] != k.shape[-2]:
+        reason = "query_key_lengths"
+    elif key_valid is not None and (key_valid.dim() != 2 or key_valid.shape != (q.shape[0], k.shape[-2])):
+        reason = "key_valid_shape"
+    else:
+        reason = _unsupported(q, k, v)
+    if reason is None and _use_triton(q):
         from kernels.attention import triton_attention
 
-        return triton_attention(q, k, v, causal=causal, scale=scale)
+        return triton_attention(q, k, v, causal=causal, scale=scale, key_valid=key_valid)
+    if reason is not None:
+        _fallback("attention", reason, q)
+    if key_valid is not None:
+        attn_mask = dense_key_mask(key_valid, q.shape[-2], causal)
     return F.scaled_dot_product_attention(
         q,
         k,
@@ -155,6 +221,7 @@ def _decode_attention_torch(
     v_cache: torch.Tensor,
     cache_len: int | torch.Tensor,
     scale: float | None,
+    first_slot: torch.Tensor | None = None,
 ) -> torch.Tensor:
     batch, _, n_new, _ = q.shape
     if isinstance(cache_len, torch.Tensor):
@@ -168,6 +235,9 @@ def _decode_attention_torch(
     last_visible = lens[:, None] - n_new + torch.arange(n_new, device=q.device)  # (batch, n_new)
     keys = torch.arange(span, device=q.device)
     allowed = keys[None, None, :] <= last_visible[:, :, None]  # (batch, n_new, span)
+    if first_slot is not None:
+        first = first_slot.to(device=q.device, dtype=torch.long).expand(batch)
+        allowed = allowed & (keys[None, None, :] >= first[:, None, None])
     return F.scaled_dot_product_attention(
         q,
         k_cache,
@@ -189,27 +259,41 @@ def decode_attention(
     v_cache: torch.Tensor,
     cache_len: int | torch.Tensor,
     scale: float | None = None,
+    first_slot: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of ``n_new`` new tokens against a KV cache.
 
     q: (batch, heads, n_new, head_dim); k_cache, v_cache: (batch, kv_heads, max_len,
     head_dim); ``cache_len`` (int or (batch,) int tensor) counts the valid cache
     entries including the new tokens, which are the last ``n_new`` of them and are
-    causal among themselves. Returns (batch, heads, n_new, head_dim).
+    causal among themselves. ``first_slot`` ((batch,) int tensor, optional) is each
+    row's first visible slot: keys before it are masked (a left-padded batch).
+    Returns (batch, heads, n_new, head_dim).
     """
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache))
-    if not needs_grad and _kernel_shapes_ok(q, k_cache, v_cache) and _use_triton(q):
+    reason = "needs_grad" if needs_grad else _unsupported(q, k_cache, v_cache)
+    if reason is None and _use_triton(q):
         from kernels.attention import triton_decode_attention
 
-        return triton_decode_attention(q, k_cache, v_cache, cache_len, scale=scale)
-    return _decode_attention_torch(q, k_cache, v_cache, cache_len, scale)
+        return triton_decode_attention(q, k_cache, v_cache, cache_len, scale=scale, first_slot=first_slot)
+    if reason is not None:
+        _fallback("decode_attention", reason, q)
+    return _decode_attention_torch(q, k_cache, v_cache, cache_len, scale, first_slot)
 
 
 def swiglu(x: torch.Tensor) -> torch.Tensor:
     """silu(second half of the last dim) * first half."""
-    if x.dtype in _KERNEL_DTYPES and x.dim() >= 1 and x.shape[-1] % 2 == 0 and _use_triton(x):
+    if x.dtype not in _KERNEL_DTYPES:
+        reason: str | None = "dtype"
+    elif x.dim() < 1 or x.shape[-1] % 2 != 0:
+        reason = "shape"
+    else:
+        reason = None
+    if reason is None and _use_triton(x):
         from kernels.swiglu import triton_swiglu
 
         return triton_swiglu(x)
+    if reason is not None:
+        _fallback("swiglu", reason, x)
     value, gate = x.chunk(2, dim=-1)
     return F.silu(gate) * value

@@ -3,13 +3,25 @@
 Prompts of different lengths share one batch: they are left-padded, every row keeps its own
 rotary positions, and padded key slots are masked. Each unique prompt is prefilled once and
 its cache copied to its ``n`` samples, so best-of-n costs one prefill and one batched decode.
-Sampling parameters may differ per prompt (temperature, top-k, top-p, stop ids, length, seed).
+Sampling parameters may differ per prompt (temperature, top-k, top-p, min-p, penalties, logit
+bias, minimum length, stop ids, length, seed).
+
+Logits are transformed in this order, per row: logit bias (a bias of -100 or less bans the
+token), the minimum length (stop ids banned until ``min_tokens`` tokens exist), the repetition
+penalty (over the prompt and the generated tokens), the presence and frequency penalties (over
+the generated tokens); greedy rows take the argmax of the result; sampled rows then apply the
+temperature, top-k, top-p and min-p, and draw.
 
 Every sampled token comes with two log-probs: ``logprobs``, under the model's own distribution
-(temperature 1, no filtering: what a KL to a reference model compares), and, from
+(temperature 1, no bias, penalty or filtering: what a KL to a reference model compares, and
+what OpenAI's API reports), and, from
 :func:`generate_tokens`, ``sampled_logprobs``, under the distribution it was actually drawn
 from (``logits / temperature`` restricted to the top-k / top-p set and renormalised: the
-behaviour policy of an RL update, see :func:`sampling_keep_mask`).
+behaviour policy of an RL update, see :func:`sampling_keep_mask`; with a logit bias, penalty,
+minimum length or min-p those apply too, and the RL losses, which do not model them, should
+not be fed such samples). With ``top_logprobs = k``
+each token also comes with the ``k`` most likely tokens and their log-probs under the model's
+own distribution (the same one as ``logprobs``).
 """
 
 from __future__ import annotations
@@ -37,6 +49,13 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None  # None: torch's global generator
     n: int = 1  # samples per prompt
+    min_p: float = 0.0  # keep tokens with probability >= min_p * the top probability (0 disables)
+    presence_penalty: float = 0.0  # subtracted from the logit of every token generated so far
+    frequency_penalty: float = 0.0  # subtracted once per occurrence in the generated tokens
+    repetition_penalty: float = 1.0  # seen tokens (prompt or generated): logit / p if > 0, else * p
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit; <= -100 bans it
+    min_tokens: int = 0  # stop ids are banned until this many tokens were generated
+    top_logprobs: int = 0  # the k most likely alternatives (model distribution) per token
     logits_processor: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
 
     def validate(self, num_tokens: int) -> None:
@@ -53,6 +72,29 @@ class SamplingParams:
         for t in self.stop_token_ids:
             if not 0 <= int(t) < num_tokens:
                 raise GenerationError(f"stop token id {t} outside the vocabulary [0, {num_tokens})")
+        if not math.isfinite(self.min_p) or not 0 <= self.min_p <= 1:
+            raise GenerationError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise GenerationError(f"{name} must be a finite number, got {getattr(self, name)!r}")
+        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise GenerationError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        for t, b in (self.logit_bias or {}).items():
+            if not 0 <= int(t) < num_tokens:
+                raise GenerationError(f"logit_bias token id {t} outside the vocabulary [0, {num_tokens})")
+            if not math.isfinite(b):
+                raise GenerationError(f"logit_bias of token {t} must be finite, got {b!r}")
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_new_tokens:
+            raise GenerationError(
+                f"min_tokens must be an integer in [0, max_new_tokens = {self.max_new_tokens}], got {self.min_tokens!r}"
+            )
+        if not isinstance(self.top_logprobs, int) or not 0 <= self.top_logprobs <= num_tokens:
+            raise GenerationError(f"top_logprobs must be an integer in [0, {num_tokens}], got {self.top_logprobs!r}")
+
+    @property
+    def uses_history(self) -> bool:
+        """Whether sampling needs the row's token counts (a penalty is on)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1)
 
 
 @dataclass
@@ -63,6 +105,8 @@ class Completion:
     # one per token, under the distribution sampled (temperature, top-k, top-p, logits
     # processor applied; 0 for greedy rows); [] where not recorded
     sampled_logprobs: list[float] = field(default_factory=list)
+    # with top_logprobs = k: per token, the k most likely (token id, log-prob), best first
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
 
 @dataclass
@@ -144,6 +188,34 @@ def sampling_keep_mask(
     return scaled >= cutoff
 
 
+class _TokenHistory:
+    """What the penalties look at, per row: counts of the generated tokens (rows, vocab) and
+    the tokens of the prompt (rows, vocab) bool. Kept only while some row uses a penalty."""
+
+    def __init__(self, counts: torch.Tensor, prompt_seen: torch.Tensor):
+        self.counts, self.prompt_seen = counts, prompt_seen
+
+    @classmethod
+    def of(cls, prompts: Sequence[Sequence[int]], vocab: int, device) -> _TokenHistory:
+        seen = torch.zeros(len(prompts), vocab, dtype=torch.bool, device=device)
+        for r, p in enumerate(prompts):
+            seen[r, torch.tensor(list(p), dtype=torch.long, device=device)] = True
+        return cls(torch.zeros(len(prompts), vocab, dtype=torch.float32, device=device), seen)
+
+    def add(self, tok: torch.Tensor) -> None:
+        rows = torch.arange(tok.shape[0], device=tok.device)
+        self.counts.index_put_((rows, tok), torch.ones_like(tok, dtype=self.counts.dtype), accumulate=True)
+
+    def select(self, idx: torch.Tensor) -> _TokenHistory:
+        return _TokenHistory(self.counts.index_select(0, idx), self.prompt_seen.index_select(0, idx))
+
+    def cat(self, other: _TokenHistory) -> _TokenHistory:
+        return _TokenHistory(torch.cat((self.counts, other.counts)), torch.cat((self.prompt_seen, other.prompt_seen)))
+
+
+BAN_BIAS = -100.0  # a logit bias at or below this bans the token (as OpenAI documents -100)
+
+
 class _Sampler:
     def __init__(self, row_params: list[SamplingParams], generators: list[torch.Generator | None], device):
         b = len(row_params)
@@ -164,27 +236,88 @@ class _Sampler:
         self.generators = list(generators)
         self.any_seeded = any(g is not None for g in self.generators)
         self.batch = b
+        # min-p (on the probabilities after temperature, top-k and top-p)
+        self.minp = None
+        if any(p.min_p > 0 for p in row_params):
+            self.minp = torch.tensor([p.min_p for p in row_params], device=device, dtype=torch.float32)[:, None]
+        # logit bias: (row, token, bias) triples, a ban as -inf
+        self.bias = None
+        triples = [(r, int(t), float(v)) for r, p in enumerate(row_params) for t, v in (p.logit_bias or {}).items()]
+        if triples:
+            rr, tt, vv = zip(*triples)
+            vals = torch.tensor(vv, device=device, dtype=torch.float32)
+            vals = torch.where(vals <= BAN_BIAS, float("-inf"), vals)
+            self.bias = (torch.tensor(rr, device=device), torch.tensor(tt, device=device), vals)
+        # minimum length: the (row, stop id) pairs banned while the row is shorter than min_tokens
+        self.min_tokens = None
+        pairs = [(r, int(t)) for r, p in enumerate(row_params) if p.min_tokens > 0 for t in p.stop_token_ids]
+        if pairs:
+            rr, tt = zip(*pairs)
+            self.min_tokens = torch.tensor([p.min_tokens for p in row_params], device=device)
+            self.ban = (torch.tensor(rr, device=device), torch.tensor(tt, device=device))
+        # penalties
+        self.uses_history = any(p.uses_history for p in row_params)
+        if self.uses_history:
+            def col(name):
+                return torch.tensor([getattr(p, name) for p in row_params], device=device, dtype=torch.float32)[:, None]
+
+            self.presence, self.frequency, self.repetition = (
+                col("presence_penalty"), col("frequency_penalty"), col("repetition_penalty")
+            )
+            self.use_rep = any(p.repetition_penalty != 1 for p in row_params)
+        self.processed = self.bias is not None or self.min_tokens is not None or self.uses_history
+        self.top_n = max((p.top_logprobs for p in row_params), default=0)
+        self.last_top: tuple[torch.Tensor, torch.Tensor] | None = None  # (log-probs, ids) (batch, top_n)
         # the sampled distribution is the model's own: both log-probs coincide
         self.identity = self.inv_temps is None and not (
-            self.use_topk or self.use_topp or self.use_proc or self.any_greedy
+            self.use_topk or self.use_topp or self.use_proc or self.any_greedy or self.processed or self.minp is not None
         )
 
-    def __call__(self, logits: torch.Tensor, with_sampled: bool = False):
+    def process(self, logits: torch.Tensor, history: _TokenHistory | None, produced) -> torch.Tensor:
+        """Bias, minimum length and penalties applied to (batch, vocab) float logits; ``produced``
+        is the number of tokens each row has generated ((batch,) tensor or one int)."""
+        if self.bias is not None:
+            logits = logits.index_put(self.bias[:2], self.bias[2], accumulate=True)
+        if self.min_tokens is not None:
+            short = torch.as_tensor(produced, device=logits.device) < self.min_tokens
+            short = short.expand(self.batch) if short.dim() == 0 else short
+            r, t = self.ban
+            banned = torch.where(short[r], float("-inf"), 0.0)
+            logits = logits.index_put((r, t), banned, accumulate=True)
+        if self.uses_history and history is not None:
+            counts = history.counts
+            if self.use_rep:
+                seen = (counts > 0) | history.prompt_seen
+                factor = torch.where(seen, self.repetition, 1.0)
+                logits = torch.where(logits > 0, logits / factor, logits * factor)
+            logits = logits - self.frequency * counts - self.presence * (counts > 0)
+        return logits
+
+    def __call__(self, logits: torch.Tensor, with_sampled: bool = False, history: _TokenHistory | None = None,
+                 produced=0):
         """(tokens, log-probs under the model's own distribution) for (batch, vocab) logits;
         with ``with_sampled`` also the log-probs under the distribution sampled (0 for greedy
-        rows, whose distribution is a point mass)."""
+        rows, whose distribution is a point mass). ``history`` and ``produced`` feed the
+        penalties and the minimum length. With ``top_n`` alternatives asked for, they are left
+        in ``last_top``."""
         logits = logits.float()  # (batch, vocab)
         logp = F.log_softmax(logits, dim=-1)
+        if self.top_n:
+            self.last_top = logp.topk(self.top_n, dim=-1)
+        work = self.process(logits, history, produced) if self.processed else logits
         if self.all_greedy:
-            greedy_tok = logits.argmax(dim=-1)
+            greedy_tok = work.argmax(dim=-1)
             lp = logp.gather(-1, greedy_tok[:, None]).squeeze(-1)
             return (greedy_tok, lp, torch.zeros_like(lp)) if with_sampled else (greedy_tok, lp)
-        scaled = logits if self.inv_temps is None else logits * self.inv_temps
+        scaled = work if self.inv_temps is None else work * self.inv_temps
         if self.use_topk or self.use_topp:
             keep = sampling_keep_mask(
                 scaled, self.topk if self.use_topk else None, self.topp if self.use_topp else None
             )
             scaled = scaled.masked_fill(~keep, float("-inf"))
+        if self.minp is not None:
+            probs = scaled.softmax(dim=-1)
+            scaled = scaled.masked_fill(probs < self.minp * probs.amax(dim=-1, keepdim=True), float("-inf"))
         if self.use_proc:
             rows = [proc(scaled[i : i + 1]) if proc is not None else scaled[i : i + 1] for i, proc in enumerate(self.processors)]
             scaled = torch.cat(rows, dim=0)
@@ -198,7 +331,7 @@ class _Sampler:
                     noise[i].exponential_(generator=g)
         tok = (probs / noise).argmax(dim=-1)
         if self.any_greedy:
-            tok = torch.where(self.greedy, logits.argmax(dim=-1), tok)
+            tok = torch.where(self.greedy, work.argmax(dim=-1), tok)
         lp = logp.gather(-1, tok[:, None]).squeeze(-1)
         if not with_sampled:
             return tok, lp
@@ -241,14 +374,18 @@ def _normalize(model, prompts, params):
 class _Run:
     """State of one batched generation: the rows, and the tokens written so far."""
 
-    def __init__(self, rows, max_new, device):
+    def __init__(self, rows, max_new, device, top_n: int = 0):
         b = len(rows)
         self.rows = rows
+        # with top_n alternatives asked for: their ids and log-probs per step, (b, max_new, top_n)
+        self.top_ids = torch.zeros(b, max_new, top_n, dtype=torch.long, device=device) if top_n else None
+        self.top_logprobs = torch.zeros(b, max_new, top_n, dtype=torch.float32, device=device) if top_n else None
         self.tokens = torch.zeros(b, max_new, dtype=torch.long, device=device)
         self.logprobs = torch.zeros(b, max_new, dtype=torch.float32, device=device)
         self.sampled_logprobs = torch.zeros(b, max_new, dtype=torch.float32, device=device)
         self.length = torch.zeros(b, dtype=torch.long, device=device)  # tokens produced per row
         self.stopped = torch.zeros(b, dtype=torch.bool, device=device)  # finished on a stop token
+        self.row_top = [0] * b  # alternatives asked for, per row
 
 
 def _decode_step(model, tok, positions, caches, pos, decode_mask, row_start, finetune_scope, disable_lora):
@@ -301,6 +438,7 @@ def _prefill(model, prompts: list[list[int]], row_prompt: torch.Tensor, total: i
         attn_mask=attn_mask,
         finetune_scope=finetune_scope,
         disable_lora=disable_lora,
+        row_start=pad if attn_mask is not None else None,  # the kernels' form of the left padding
     )
     if len(row_prompt) != u or not torch.equal(row_prompt, torch.arange(u, device=device)):
         cache = cache.select(row_prompt)
@@ -344,7 +482,9 @@ def _decode(model, prompts, params, finetune_scope, disable_lora, use_tqdm) -> I
     same_length = bool((row_max_new == max_new).all())
     done = torch.zeros(b, dtype=torch.bool, device=device)
     no_stop = torch.zeros(b, dtype=torch.bool, device=device)
-    run = _Run(rows, max_new, device)
+    run = _Run(rows, max_new, device, sampler.top_n)
+    run.row_top = [sp.top_logprobs for sp in row_params]
+    history = _TokenHistory.of([prompts[pi] for pi, _ in rows], model.num_tokens, device) if sampler.uses_history else None
     sync_every = 8 if device.type == "cuda" else 1  # host syncs are free on the CPU, not on a GPU
 
     steps = range(max_new)
@@ -354,7 +494,11 @@ def _decode(model, prompts, params, finetune_scope, disable_lora, use_tqdm) -> I
         steps = tqdm(steps, desc="generating", unit="tok")
     pos = plen
     for step in steps:
-        tok, lp, sampled_lp = sampler(logits, with_sampled=True)
+        tok, lp, sampled_lp = sampler(logits, with_sampled=True, history=history, produced=step)
+        if history is not None:
+            history.add(tok)
+        if sampler.top_n:
+            run.top_logprobs[:, step], run.top_ids[:, step] = sampler.last_top
         run.tokens[:, step] = tok
         run.logprobs[:, step] = lp
         run.sampled_logprobs[:, step] = sampled_lp
@@ -428,11 +572,16 @@ def generate_tokens(
     lengths = run.length.tolist()
     stopped = run.stopped.tolist()
     toks, lps, slps = run.tokens.tolist(), run.logprobs.tolist(), run.sampled_logprobs.tolist()
+    row_top = run.row_top
+    if run.top_ids is not None:
+        top_ids, top_lps = run.top_ids.tolist(), run.top_logprobs.tolist()
     grouped: list[list[Completion]] = [[] for _ in range(len(prompts))]
     for r, (pi, _) in enumerate(run.rows):
         n = lengths[r]
+        k = row_top[r]
+        top = [list(zip(top_ids[r][j][:k], top_lps[r][j][:k])) for j in range(n)] if k else []
         grouped[pi].append(
-            Completion(toks[r][:n], lps[r][:n], "stop" if stopped[r] else "length", slps[r][:n])
+            Completion(toks[r][:n], lps[r][:n], "stop" if stopped[r] else "length", slps[r][:n], top)
         )
     return grouped
 
@@ -456,12 +605,14 @@ class SessionRow:
 @dataclass
 class RowEvent:
     """Row ``row`` sampled ``token`` (log-prob ``logprob``); ``finished`` is the finish reason
-    if that token ended it ("stop": a stop id, included in ``token``; "length")."""
+    if that token ended it ("stop": a stop id, included in ``token``; "length"). ``top`` holds
+    the row's ``top_logprobs`` most likely (token id, log-prob) at this step, best first."""
 
     row: SessionRow
     token: int
     logprob: float
     finished: str | None
+    top: list[tuple[int, float]] = field(default_factory=list)
 
 
 class DecodeSession:
@@ -499,6 +650,7 @@ class DecodeSession:
         self._k = self._v = None
         self._pad = torch.zeros(0, dtype=torch.long, device=self.device)  # each row's first slot
         self._logits: torch.Tensor | None = None  # (rows, vocab): the next token's logits
+        self._history: _TokenHistory | None = None  # while some row uses a penalty
         self._membership_changed()
 
     def __len__(self) -> int:
@@ -580,6 +732,11 @@ class DecodeSession:
         self._k, self._v, self.pos = k, v, new_pos
         self._pad = torch.cat((self._pad + offset, new_pos - plen + pad.index_select(0, row_prompt)))
         self._logits = logits if not old else torch.cat((self._logits, logits))
+        if self._history is not None or any(sp.uses_history for sp in params):
+            joining = _TokenHistory.of([prompts[pi] for pi, _ in specs], self.model.num_tokens, self.device)
+            if self._history is None and old:
+                self._history = _TokenHistory.of([[] for _ in range(old)], self.model.num_tokens, self.device)
+            self._history = joining if self._history is None else self._history.cat(joining)
         self.rows.extend(new_rows)
         self._membership_changed()
         return new_rows
@@ -603,6 +760,7 @@ class DecodeSession:
             return None
         if not n:
             self.rows, self._k, self._v, self._logits, self.pos = [], None, None, None, 0
+            self._history = None
             self._pad = self._pad[:0]
             self._membership_changed()
             return torch.zeros(0, dtype=torch.long, device=self.device)
@@ -621,6 +779,8 @@ class DecodeSession:
         self._pad = self._pad.index_select(0, idx)
         if self._logits is not None:
             self._logits = self._logits.index_select(0, idx)
+        if self._history is not None:
+            self._history = self._history.select(idx)
         self._membership_changed()
         return idx
 
@@ -628,6 +788,9 @@ class DecodeSession:
         r = len(self.rows)
         self._sampler = _Sampler([row.params for row in self.rows], [row.generator for row in self.rows], self.device)
         self._stops = [frozenset(int(t) for t in row.params.stop_token_ids) for row in self.rows]
+        if not self._sampler.uses_history:
+            self._history = None
+        self._min_tokens = self._sampler.min_tokens is not None
         self._caches = [] if self._k is None else [(self._k[i, :r], self._v[i, :r]) for i in range(self._k.shape[0])]
         self._padded = bool((self._pad > 0).any()) if self.rows else False
         if self._padded:
@@ -642,8 +805,16 @@ class DecodeSession:
         step that gives the others their next logits. Returns one event per row."""
         if not self.rows:
             return []
-        tok, lp = self._sampler(self._logits)
+        produced = 0
+        if self._min_tokens:
+            produced = torch.tensor([r.produced for r in self.rows], device=self.device)
+        tok, lp = self._sampler(self._logits, history=self._history, produced=produced)
+        if self._history is not None:
+            self._history.add(tok)
         toks, lps = tok.tolist(), lp.tolist()
+        top_lps = top_ids = None
+        if self._sampler.top_n:
+            top_lps, top_ids = (t.tolist() for t in self._sampler.last_top)
         events, keep = [], []
         for i, row in enumerate(self.rows):
             row.produced += 1
@@ -654,7 +825,9 @@ class DecodeSession:
                 row.finish_reason = "length"
             else:
                 keep.append(i)
-            events.append(RowEvent(row, t, lps[i], row.finish_reason))
+            k = row.params.top_logprobs
+            top = list(zip(top_ids[i][:k], top_lps[i][:k])) if k else []
+            events.append(RowEvent(row, t, lps[i], row.finish_reason, top))
         order = self._keep(keep)
         if order is not None:
             tok = tok.index_select(0, order)

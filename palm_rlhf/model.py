@@ -120,6 +120,30 @@ class Rotary(nn.Module):
         return self._cache[key]
 
 
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype the projections produce from ``t``: autocast's where it is on, else ``t``'s."""
+    if torch.is_autocast_enabled(t.device.type) and t.is_floating_point():
+        return torch.get_autocast_dtype(t.device.type)
+    return t.dtype
+
+
+def key_valid_from_mask(attn_mask: torch.Tensor, causal: bool) -> torch.Tensor | None:
+    """The (batch, keys) key-padding form of a dense (batch, 1, queries, keys) boolean mask,
+    when the mask is exactly what :func:`kernels.dispatch.dense_key_mask` makes of it (the
+    masks of left-padded prefills and of padded scoring are); else None. One comparison on
+    the device and one host sync."""
+    if attn_mask.dtype != torch.bool or attn_mask.dim() != 4 or attn_mask.shape[1] != 1:
+        return None
+    n_q, n_k = attn_mask.shape[-2:]
+    if n_q != n_k:
+        return None
+    # the last query sees every valid key (causal: the diagonal is visible whatever its flag)
+    key_valid = attn_mask[:, 0, -1, :]
+    if not torch.equal(dispatch.dense_key_mask(key_valid, n_q, causal), attn_mask.expand(-1, 1, n_q, n_k)):
+        return None
+    return key_valid
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # x: (..., d); cos/sin broadcastable to x. roll swaps the halves: [x2, x1].
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
@@ -155,13 +179,20 @@ class ParallelBlock(nn.Module):
         cache: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache_pos: int = 0,
         decode_mask: torch.Tensor | None = None,
+        key_valid: torch.Tensor | None = None,
+        first_slot: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x: (batch, seq, dim) -> (batch, seq, dim). ``rotary``: (cos, sin, xPos scale or None)
         for these positions (see :class:`Rotary`). Without ``cache``: full causal (or
         ``attn_mask``-masked) attention over x. With ``cache`` (k, v buffers of shape (batch, 1,
         max_len, dim_head)): write this chunk's keys and values at ``cache_pos`` and attend over
         ``[0, cache_pos + seq)``; a one-token chunk is a decode step (``decode_mask``, (batch, 1,
-        1, cache_pos + 1), masks the slots each row may not see, as in a left-padded batch)."""
+        1, cache_pos + 1), masks the slots each row may not see, as in a left-padded batch).
+
+        ``key_valid`` (batch, keys) is a key-padding mask in the form the Triton kernels take
+        (:func:`kernels.dispatch.dense_key_mask` gives its dense equivalent), used instead of
+        ``attn_mask`` when given; ``first_slot`` (batch,) is what ``decode_mask`` says (each
+        row's first visible slot), for the decode kernel."""
         b, n, _ = x.shape
         h, d = self.heads, self.dim_head
         cos, sin, xscale = rotary
@@ -175,13 +206,18 @@ class ParallelBlock(nn.Module):
             q, k = qk[:, :, :h], qk[:, :, h:]
             q = F.normalize(q, dim=-1) * self.q_scale
             k = F.normalize(k, dim=-1) * self.k_scale
-            qk = torch.cat((q, k), dim=2)
+            qk = torch.cat((q, k), dim=2).to(v.dtype)
+        if cos.dtype != qk.dtype:
+            # under autocast the projection is in the autocast dtype, the tables may not be
+            cos, sin = cos.to(qk.dtype), sin.to(qk.dtype)
         # cos/sin: (seq, d) or (batch, seq, d) -> broadcast over the head axis
         qk = apply_rotary(qk, cos.unsqueeze(-2), sin.unsqueeze(-2))
         q, k = qk[:, :, :h], qk[:, :, h]  # (b, n, h, d), (b, n, d)
         if xscale is not None:
             q = q * xscale.unsqueeze(-2)
             k = k / xscale
+        if q.dtype != v.dtype:  # keep q, k and v in one dtype (autocast)
+            q, k = q.to(v.dtype), k.to(v.dtype)
 
         if cache is None:
             q = q.transpose(1, 2)  # (batch, heads, seq, head_dim)
@@ -191,10 +227,11 @@ class ParallelBlock(nn.Module):
                 q,
                 k,
                 v,
-                causal=self.cfg.causal and attn_mask is None,
-                attn_mask=attn_mask,
+                causal=self.cfg.causal and (attn_mask is None or key_valid is not None),
+                attn_mask=attn_mask if key_valid is None else None,
                 dropout_p=self.attn_dropout if self.training else 0.0,
                 scale=self.scale,
+                key_valid=key_valid,
             )
             out = out.transpose(1, 2).reshape(b, n, self.attn_inner)
         else:
@@ -203,11 +240,15 @@ class ParallelBlock(nn.Module):
             v_cache[:, 0, cache_pos : cache_pos + n] = v
             end = cache_pos + n
             keys, values = k_cache[:, :, :end], v_cache[:, :, :end]  # (b, 1, end, d)
-            if n == 1 and decode_mask is None and dispatch.triton_enabled_for(q):
+            if n == 1 and (decode_mask is None or first_slot is not None) and dispatch.triton_enabled_for(q):
                 # GPU: the split-K decode kernel reads the shared K/V head once for all heads
-                out = dispatch.decode_attention(q.transpose(1, 2), k_cache, v_cache, end, scale=self.scale)
+                out = dispatch.decode_attention(
+                    q.transpose(1, 2), k_cache, v_cache, end, scale=self.scale, first_slot=first_slot
+                )
                 out = out.transpose(1, 2).reshape(b, 1, self.attn_inner)  # (b, h, 1, d) -> (b, 1, h * d)
             elif n == 1:
+                if decode_mask is not None and dispatch.kernels_wanted(q):
+                    dispatch.record_fallback("decode_attention", "decode_mask")
                 # One new token: its heads act as the query axis of a single-head attention
                 # over the shared K/V head. (b, 1, h, d) x (b, 1, end, d): no copies, no transposes.
                 out = F.scaled_dot_product_attention(
@@ -217,13 +258,15 @@ class ParallelBlock(nn.Module):
             else:
                 if attn_mask is None and cache_pos != 0:
                     raise ValueError("a multi-token chunk after the cache start needs an explicit attn_mask")
+                use_keys = key_valid is not None and cache_pos == 0
                 out = dispatch.attention(
                     q.transpose(1, 2),
                     keys,
                     values,
-                    causal=attn_mask is None and self.cfg.causal,
-                    attn_mask=attn_mask,
+                    causal=(attn_mask is None or use_keys) and self.cfg.causal,
+                    attn_mask=None if use_keys else attn_mask,
                     scale=self.scale,
+                    key_valid=key_valid if use_keys else None,
                 )
                 out = out.transpose(1, 2).reshape(b, n, self.attn_inner)
 
@@ -501,12 +544,15 @@ class PaLM(nn.Module):
         (batch, seq) marks valid keys explicitly."""
         if return_loss:
             x, labels = x[:, :-1], x[:, 1:]
-        attn_mask = None
+        attn_mask = key_valid = None
         if not self.causal:
             if mask is None:
                 mask = x >= 0
             x = x.masked_fill(~mask, 0)
-        if mask is not None:
+        if mask is not None and dispatch.kernels_wanted(x):
+            # the kernels take the key-padding mask as it is (no dense mask)
+            key_valid = mask.to(device=x.device, dtype=torch.bool)
+        elif mask is not None:
             key_ok = mask[:, None, None, :]  # (batch, 1, 1, keys)
             if self.causal:
                 n = x.shape[1]
@@ -518,9 +564,9 @@ class PaLM(nn.Module):
         h = self.token_emb(x)
         if extra_embed is not None:
             h = h + extra_embed
-        rotary = self.rotary.cached_tables(x.shape[1], x.device, h.dtype)
+        rotary = self.rotary.cached_tables(x.shape[1], x.device, compute_dtype(h))
         for layer, lora in zip(self.layers, self._lora_layers(finetune_scope, disable_lora)):
-            h = layer(h, rotary, lora=lora, attn_mask=attn_mask)
+            h = layer(h, rotary, lora=lora, attn_mask=attn_mask, key_valid=key_valid)
         embeds = self.norm(h)
         if return_only_embedding:
             return embeds
@@ -565,18 +611,53 @@ class PaLM(nn.Module):
         Returns logits of the last position (batch, num_tokens) when ``last_only``, else
         (batch, n, num_tokens). ``decode_mask`` (batch, 1, 1, cache_pos + 1) masks the slots each
         row may not see in a one-token step (a left-padded batch); ``row_start`` (batch,), each
-        row's first valid slot, is what ``decode_mask`` says, for callers that have it (the
-        generation engine hands it to the CPU decode runner; this general path uses the mask)."""
+        row's first valid slot, is what ``decode_mask`` (or, for a prefill from slot 0, the
+        left padding ``attn_mask``) says, for callers that have it: the CPU decode runner and
+        the Triton kernels use it; without it the kernels recover it from the mask (one host
+        sync per call), and PyTorch uses the masks."""
         loras = self._lora_layers(finetune_scope, disable_lora)
         h = self.token_emb(x)
-        rotary = self.rotary.lookup(positions, h.dtype, max_position=cache_pos + x.shape[1] - 1)
+        n = x.shape[1]
+        key_valid = first_slot = None
+        if (attn_mask is not None or decode_mask is not None) and dispatch.kernels_wanted(h):
+            key_valid, first_slot = self._kernel_masks(n, cache_pos, attn_mask, decode_mask, row_start)
+        rotary = self.rotary.lookup(positions, compute_dtype(h), max_position=cache_pos + n - 1)
         for layer, lora, cache in zip(self.layers, loras, caches):
             h = layer(
-                h, rotary, lora=lora, attn_mask=attn_mask, cache=cache, cache_pos=cache_pos, decode_mask=decode_mask
+                h,
+                rotary,
+                lora=lora,
+                attn_mask=attn_mask,
+                cache=cache,
+                cache_pos=cache_pos,
+                decode_mask=decode_mask,
+                key_valid=key_valid,
+                first_slot=first_slot,
             )
         if last_only:
             h = h[:, -1]
         return cpu_linear.linear(self.norm(h), self.token_emb.weight)
+
+    def _kernel_masks(self, n, cache_pos, attn_mask, decode_mask, row_start):
+        """(key_valid, first_slot) for the Triton kernels from the masks of a cached forward;
+        None where the mask has another pattern (that call then takes PyTorch, counted)."""
+        device = self.device
+        if n == 1 and decode_mask is not None:
+            if row_start is not None:
+                return None, row_start.to(device=device, dtype=torch.long)
+            flags = decode_mask.reshape(decode_mask.shape[0], -1)
+            if decode_mask.dtype != torch.bool or flags.shape[-1] != decode_mask.shape[-1]:
+                return None, None
+            first = flags.to(torch.int8).argmax(dim=-1)  # each row's first visible slot
+            slots = torch.arange(flags.shape[-1], device=flags.device)
+            if torch.equal(flags, slots[None] >= first[:, None]):
+                return None, first
+            return None, None
+        if n > 1 and cache_pos == 0 and attn_mask is not None:
+            if row_start is not None and self.causal:
+                return torch.arange(n, device=device)[None] >= row_start.to(device)[:, None], None
+            return key_valid_from_mask(attn_mask, self.causal), None
+        return None, None
 
     # -- generation ---------------------------------------------------------------------------
 

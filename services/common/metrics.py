@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
@@ -18,6 +19,27 @@ def version_number(version: str | None) -> int:
     """``"v0012"`` -> 12; anything else (a demo path, no version) -> 0."""
     m = re.fullmatch(r"v(\d+)", version or "")
     return int(m.group(1)) if m else 0
+
+
+class KernelFallbackCollector:
+    """``palm_rlhf_kernel_fallbacks_total{op,reason}``: calls that asked for a Triton kernel
+    but ran in PyTorch, read from the process-wide counter in :mod:`kernels.fallbacks` at
+    each scrape."""
+
+    def collect(self):
+        from kernels import fallbacks
+
+        family = CounterMetricFamily(
+            "palm_rlhf_kernel_fallbacks",
+            "calls that asked for a Triton kernel but ran in PyTorch, by operation and reason",
+            labels=["op", "reason"],
+        )
+        for (op, reason), count in sorted(fallbacks.snapshot().items()):
+            family.add_metric([op, reason], count)
+        yield family
+
+    def describe(self):
+        return []
 
 
 class ServiceMetrics:
@@ -69,6 +91,7 @@ class ServiceMetrics:
         self.ready = Gauge("palm_rlhf_ready", "1 when the service is SERVING", ["service"], registry=r)
         self.trainer_steps = Counter("palm_rlhf_trainer_steps", "update rounds run", ["service"], registry=r)
         self.watchers = Gauge("palm_rlhf_version_watchers", "open WatchVersions streams", ["service"], registry=r)
+        r.register(KernelFallbackCollector())
         self._version: str | None = None
 
     def set_version(self, version: str) -> None:

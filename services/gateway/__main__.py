@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allowed-hosts", default=None,
                    help="comma-separated Host header values to serve ('*.example.com' allowed; default any)")
     p.add_argument("--max-inflight", type=int, default=None,
-                   help="chat completions in flight at once; more get 503 + Retry-After (default 64, 0: no cap)")
+                   help="chat completions in flight at once; more get 503 + Retry-After (default 32, 0: no cap)")
     p.add_argument("--keep-alive", type=float, default=None, help="idle HTTP connection timeout in seconds (default 75)")
     p.add_argument(
         "--insecure-no-auth", action="store_true", help="allow serving beyond loopback without keys"

@@ -6,9 +6,11 @@ cleaned to one answer (:mod:`palm_rlhf.stops` decides where it ends), the reward
 scores them, and the ``n`` best are returned, best first (:mod:`.ranking`). The whole
 interaction (every candidate with its tokens, log-probs and reward) is committed to the
 feedback store before the client gets its answer, so feedback can always be tied to it
-(:mod:`.storage`). Streams are framed by :mod:`.streaming`.
+(:mod:`.storage`). Streams are framed by :mod:`.streaming`. Legacy text completions
+(``POST /v1/completions``) rank and store raw-text candidates the same way.
 
-Layout: the routes are ``APIRouter``s in :mod:`.routers` (chat, feedback, models, pages);
+Layout: the routes are ``APIRouter``s in :mod:`.routers` (chat, completions, feedback,
+models, pages);
 they share one :class:`~.state.GatewayState` on ``app.state.gateway``, which holds the
 configuration and the small services above. :func:`create_app` wires them together;
 :func:`run_gateway` builds the :class:`~.settings.GatewaySettings` once from flags and

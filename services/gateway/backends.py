@@ -34,6 +34,19 @@ class SamplingOptions:
     top_k: int | None = None
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> bias; <= -100 bans
+    min_tokens: int | None = None
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    top_logprobs: int = 0  # alternatives per generated token (0: none)
+
+
+# one alternative token: (token id, log-prob, the bytes it stands for)
+Alternative = tuple[int, float, bytes]
 
 
 @dataclass
@@ -43,6 +56,8 @@ class GeneratedCandidate:
     token_ids: list[int]
     logprobs: list[float]
     finish_reason: str  # "stop" | "length" | "cancelled"
+    token_bytes: list[bytes] = field(default_factory=list)  # per token
+    top_logprobs: list[list[Alternative]] = field(default_factory=list)  # per token, with top_logprobs
 
 
 @dataclass
@@ -65,6 +80,8 @@ class StreamEvent:
     finish_reason: str | None
     policy_version: str
     prompt_token_ids: list[int]
+    token_bytes: list[bytes] = field(default_factory=list)
+    top_logprobs: list[list[Alternative]] = field(default_factory=list)
 
 
 @dataclass
@@ -105,6 +122,10 @@ class Backends(Protocol):
 # gRPC implementation
 
 _MAX_MESSAGE = 64 * 1024 * 1024
+
+
+def _alternatives(tops) -> list[list[Alternative]]:
+    return [list(zip(t.token_ids, t.logprobs, t.token_bytes)) for t in tops]
 _FINISH = {1: "stop", 2: "length", 3: "cancelled"}
 
 
@@ -210,6 +231,15 @@ class GrpcBackends:
             sp.top_k = params.top_k
         if params.seed is not None:
             sp.seed = params.seed
+        for name in ("min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens"):
+            value = getattr(params, name)
+            if value is not None:
+                setattr(sp, name, value)
+        for token, bias in params.logit_bias.items():
+            sp.logit_bias[int(token)] = float(bias)
+        sp.stop_token_ids.extend(params.stop_token_ids)
+        sp.ignore_eos = params.ignore_eos
+        sp.top_logprobs = params.top_logprobs
         return policy_pb2.GenerateRequest(prompts=[policy_pb2.Prompt(text=prompt_text)], params=sp)
 
     # -- Backends ------------------------------------------------------------------------
@@ -229,6 +259,8 @@ class GrpcBackends:
                     token_ids=list(c.token_ids),
                     logprobs=list(c.logprobs),
                     finish_reason=_FINISH.get(c.finish_reason, "stop"),
+                    token_bytes=list(c.token_bytes),
+                    top_logprobs=_alternatives(c.top_logprobs),
                 )
                 for i, c in enumerate(result.candidates)
             ],
@@ -256,6 +288,8 @@ class GrpcBackends:
                     finish_reason=_FINISH.get(chunk.finish_reason) if chunk.finish_reason else None,
                     policy_version=chunk.policy_version,
                     prompt_token_ids=list(chunk.prompt_token_ids),
+                    token_bytes=list(chunk.token_bytes),
+                    top_logprobs=_alternatives(chunk.top_logprobs),
                 )
         except self._grpc.aio.AioRpcError as e:
             raise self._error("policy", e) from None

@@ -64,7 +64,7 @@ class GatewaySettings(BaseSettings):
     # seconds a request body may take to arrive (slow or stalled clients are cut off; 0: none)
     body_timeout: float = Field(default=30.0, ge=0)
     # chat completions in flight at once; more are shed with 503 + Retry-After (0: no cap)
-    max_inflight: int = Field(default=64, ge=0)
+    max_inflight: int = Field(default=32, ge=0)
     # seconds the headers of a request may take from its first byte (slowloris; 0: none)
     header_timeout: float = Field(default=10.0, ge=0)
     # open HTTP connections and requests at once; beyond it uvicorn answers 503 (0: no cap)

@@ -38,7 +38,7 @@ class GatewayConfig:
     max_body_bytes: int = 1 << 20
     body_timeout_s: float = 30.0  # a request body must arrive within this (0: no deadline)
     # chat completions in flight at once; one more is answered 503 + Retry-After (0: no cap)
-    max_inflight: int = 64
+    max_inflight: int = 32
     # Host header values served ("*.example.com" allowed); empty: any
     allowed_hosts: tuple[str, ...] = ()
     admin_token: str | None = None  # admin-only reads (the log export) need it as bearer token

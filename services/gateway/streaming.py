@@ -19,6 +19,7 @@ from typing import Any
 from palm_rlhf.chat import answer_stops, strip_control
 from palm_rlhf.stops import scan_stops
 
+from . import logprobs as lp
 from .backends import GeneratedCandidate, Generation, StreamEvent
 from .schemas import ChatCompletionResponse
 
@@ -44,10 +45,18 @@ def delta(
     finish_reason: str | None = None,
     reward: float | None = None,
     rank: int | None = None,
+    logprobs: list[dict[str, Any]] | None = None,
     **content: Any,
 ) -> dict[str, Any]:
-    """One choice of a chunk; a choice's last chunk carries its finish reason and reward."""
-    d: dict[str, Any] = {"index": index, "delta": content, "logprobs": None, "finish_reason": finish_reason}
+    """One choice of a chunk; a choice's last chunk carries its finish reason and reward (and
+    ``rank``: the choice's place by reward, the index feedback takes). ``logprobs`` is the
+    ``content`` list of the tokens this chunk adds."""
+    d: dict[str, Any] = {
+        "index": index,
+        "delta": content,
+        "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None},
+        "finish_reason": finish_reason,
+    }
     if finish_reason is not None:
         d["reward"] = reward
         if rank is not None:
@@ -75,8 +84,14 @@ class LiveStream:
         n: int,
         stops: list[str],
         extra: dict[str, Any] | None = None,
+        logprobs: int | None = None,
     ):
+        """``logprobs``: None for none, else the alternatives per token to report."""
         self.id, self.created, self.model, self.n = completion_id, created, model, n
+        self.top_n = logprobs
+        self.token_bytes: list[list[bytes]] = [[] for _ in range(n)]
+        self.tops: list[list] = [[] for _ in range(n)]
+        self.reported = [0] * n  # tokens whose log-probs were sent, per choice
         self.stops = answer_stops(stops)
         self.extra = dict(extra or {})
         self.raw = [""] * n
@@ -103,6 +118,8 @@ class LiveStream:
         self.raw[i] += ev.text
         self.tokens[i] += ev.token_ids
         self.logprobs[i] += ev.logprobs
+        self.token_bytes[i] += ev.token_bytes
+        self.tops[i] += ev.top_logprobs
         if ev.finish_reason:
             self.finish[i] = ev.finish_reason
         if self.ended[i]:
@@ -117,8 +134,17 @@ class LiveStream:
         if target.startswith(self.sent[i]) and len(target) > len(self.sent[i]):
             piece = target[len(self.sent[i]) :]
             self.sent[i] = target
-            return [self._chunk([delta(i, content=piece)])]
+            return [self._chunk([delta(i, content=piece, logprobs=self._unreported(i))])]
         return []
+
+    def _unreported(self, i: int) -> list[dict[str, Any]] | None:
+        """The log-probs of choice i's tokens not sent yet (None when not asked for)."""
+        if self.top_n is None:
+            return None
+        start, self.reported[i] = self.reported[i], len(self.logprobs[i])
+        return lp.chat_content(
+            self.logprobs[i][start:], self.token_bytes[i][start:], self.tops[i][start:], self.top_n
+        )
 
     @property
     def texts(self) -> list[str]:
@@ -129,7 +155,8 @@ class LiveStream:
         return Generation(
             prompt_token_ids=self.prompt_ids,
             candidates=[
-                GeneratedCandidate(i, self.raw[i], self.tokens[i], self.logprobs[i], self.finish[i] or "length")
+                GeneratedCandidate(i, self.raw[i], self.tokens[i], self.logprobs[i], self.finish[i] or "length",
+                                   self.token_bytes[i], self.tops[i])
                 for i in range(self.n)
             ],
             policy_version=self.version,
@@ -144,11 +171,12 @@ class LiveStream:
         versions: dict[str, str],
         usage: dict[str, int] | None = None,
     ) -> list[str]:
-        """Each choice's last chunk (finish reason, reward, rank), the usage chunk when asked
-        for, and ``[DONE]``."""
+        """Each choice's last chunk (finish reason, reward, rank, and the log-probs of tokens
+        not reported yet), the usage chunk when asked for, and ``[DONE]``."""
         out = [
             self._chunk(
-                [delta(i, finish_reason=finish_reason_of(self.finish[i]), reward=rewards[i], rank=ranks[i])],
+                [delta(i, finish_reason=finish_reason_of(self.finish[i]), reward=rewards[i], rank=ranks[i],
+                       logprobs=self._unreported(i))],
                 **versions,
             )
             for i in range(self.n)
@@ -170,10 +198,13 @@ def ranked_events(
         return chunk(resp.id, resp.created, resp.model, choices, **more)
 
     for ch in resp.choices:
+        content = None if ch.logprobs is None else [t.model_dump() for t in ch.logprobs.content or []]
         yield frame([delta(ch.index, role="assistant", content="")], **versions, **(extra or {}))
         if ch.message.content:
-            yield frame([delta(ch.index, content=ch.message.content)])
-        yield frame([delta(ch.index, finish_reason=ch.finish_reason, reward=ch.reward)], **versions)
+            yield frame([delta(ch.index, content=ch.message.content, logprobs=content)])
+            content = None if content is None else []
+        yield frame([delta(ch.index, finish_reason=ch.finish_reason, reward=ch.reward, rank=ch.index,
+                           logprobs=content)], **versions)
     if include_usage:
         yield frame([], usage=resp.usage.model_dump(), **versions)
     yield DONE

@@ -17,6 +17,7 @@ import logging
 import math
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +37,8 @@ from services.common.metrics import ServiceMetrics
 from services.common.models import LoadedPalm, load_palm_version, version_path
 
 log = logging.getLogger(__name__)
+
+MAX_TOP_LOGPROBS = 20  # alternatives per generated token, as OpenAI's API allows
 
 # Stop this long before a caller's deadline, so the reply (or the final stream chunk) can
 # still reach it in time.
@@ -74,6 +77,18 @@ class GenParams:
     stop_token_ids: Sequence[int] = ()
     seed: int | None = None
     return_logprobs: bool = False
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    min_tokens: int | None = None
+    ignore_eos: bool = False
+    top_logprobs: int = 0  # with return_logprobs: alternatives per token
+
+
+# (token id, log-prob, bytes) of one alternative
+Alternative = tuple[int, float, bytes]
 
 
 @dataclass
@@ -83,6 +98,8 @@ class CandidateOut:
     text: str
     finish_reason: str  # "stop" | "length" | "cancelled"
     matched_stop: str = ""
+    token_bytes: list[bytes] = field(default_factory=list)  # with return_logprobs
+    top_logprobs: list[list[Alternative]] = field(default_factory=list)  # with top_logprobs
 
 
 @dataclass
@@ -106,6 +123,56 @@ class StreamEvent:
     finish_reason: str | None
     version: str
     prompt_token_ids: list[int] = field(default_factory=list)
+    token_bytes: list[bytes] = field(default_factory=list)
+    top_logprobs: list[list[Alternative]] = field(default_factory=list)
+
+
+def _byte_level_chars() -> dict[str, int]:
+    """The printable character a byte-level BPE writes for each byte, inverted: the 188
+    printable Latin-1 bytes stand for themselves, the others for U+0100 on, in byte order."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+            *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    chars = {chr(b): b for b in kept}
+    extra = 0
+    for b in range(256):
+        if b not in chars.values():
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_LEVEL = _byte_level_chars()
+_TOKEN_BYTES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _hf_token_bytes(tok, token_id: int) -> bytes:
+    inner = tok._tok
+    added = inner.get_added_tokens_decoder()
+    if token_id in added and added[token_id].special:
+        return b""
+    piece = inner.id_to_token(token_id)
+    if piece is None:
+        return b""
+    if type(inner.decoder).__name__ == "ByteLevel" and token_id not in added and all(c in _BYTE_LEVEL for c in piece):
+        return bytes(_BYTE_LEVEL[c] for c in piece)
+    return tok.decode([token_id]).encode("utf-8")
+
+
+def token_bytes(tok, token_id: int) -> bytes:
+    """The bytes a token stands for in text (empty for a special token): for a byte-level BPE
+    the token's own bytes, even when they are part of a multi-byte character."""
+    if getattr(tok, "kind", "") == "byte":
+        off = tok.OFFSET
+        return bytes([token_id - off]) if off <= token_id < tok.vocab_size else b""
+    try:
+        cache = _TOKEN_BYTES.setdefault(tok, {})
+    except TypeError:  # a tokenizer that cannot be weakly referenced: no cache
+        cache = {}
+    out = cache.get(token_id)
+    if out is None:
+        out = cache[token_id] = _hf_token_bytes(tok, token_id) if hasattr(tok, "_tok") else \
+            tok.decode([token_id]).encode("utf-8")
+    return out
 
 
 class _Row:
@@ -122,12 +189,14 @@ class _Row:
         "reason",
         "req",
         "sample_index",
+        "tops",
     )
 
     def __init__(self, req: _Request, prompt_index: int, sample_index: int):
         self.req, self.prompt_index, self.sample_index = req, prompt_index, sample_index
         self.ids: list[int] = []
         self.lps: list[float] = []
+        self.tops: list[list[tuple[int, float]]] = []
         self.done = False
         self.emitted = ""  # streamed text so far
         self.matched = ""
@@ -323,12 +392,36 @@ class PolicyCore:
             raise InvalidArgument(f"max_new_tokens must be >= 1, got {max_new}")
         if max_new > lim.max_new_tokens:
             raise ResourceExhausted(f"max_new_tokens = {max_new}; the limit is {lim.max_new_tokens}")
+        min_p = 0.0 if params.min_p is None else float(params.min_p)
+        if not math.isfinite(min_p) or not 0 <= min_p <= 1:
+            raise InvalidArgument(f"min_p must be in [0, 1], got {min_p}")
+        penalties = {}
+        for name, default in (("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("repetition_penalty", 1.0)):
+            v = getattr(params, name)
+            v = default if v is None else float(v)
+            if not math.isfinite(v):
+                raise InvalidArgument(f"{name} must be a finite number, got {v}")
+            penalties[name] = v
+        if penalties["repetition_penalty"] <= 0:
+            raise InvalidArgument(f"repetition_penalty must be > 0, got {penalties['repetition_penalty']}")
+        min_tokens = 0 if params.min_tokens is None else int(params.min_tokens)
+        if not 0 <= min_tokens <= max_new:
+            raise InvalidArgument(f"min_tokens must be in [0, max_new_tokens = {max_new}], got {min_tokens}")
+        top_logprobs = int(params.top_logprobs or 0)
+        if not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidArgument(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {top_logprobs}")
         if any(s == "" for s in params.stop):
             raise InvalidArgument("stop sequences must be non-empty strings")
         vocab = m.model.num_tokens
         bad = [t for t in params.stop_token_ids if not 0 <= int(t) < vocab]
         if bad:
             raise InvalidArgument(f"stop token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+        bad = [t for t in params.logit_bias if not 0 <= int(t) < vocab]
+        if bad:
+            raise InvalidArgument(f"logit_bias token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+        bad = [t for t, v in params.logit_bias.items() if not math.isfinite(v)]
+        if bad:
+            raise InvalidArgument(f"logit_bias values must be finite (token {bad[0]})")
         longest = max(len(p) for p in prompts)
         if longest + max_new > m.config.max_seq_len:
             raise ResourceExhausted(
@@ -340,10 +433,13 @@ class PolicyCore:
                 f"{len(prompts)} prompts x {n} samples = {n * len(prompts)} sequences; the limit is "
                 f"{lim.max_batch_rows}"
             )
-        stop_ids = [m.tokenizer.eos_id, *(int(t) for t in params.stop_token_ids)]
+        eos = [] if params.ignore_eos else [m.tokenizer.eos_id]
+        stop_ids = [*eos, *(int(t) for t in params.stop_token_ids)]
         return SamplingParams(
             max_new_tokens=max_new, temperature=temperature, top_k=top_k, top_p=top_p,
             stop_token_ids=tuple(dict.fromkeys(stop_ids)), seed=params.seed, n=n,
+            min_p=min_p, **penalties, logit_bias={int(t): float(v) for t, v in params.logit_bias.items()} or None,
+            min_tokens=min_tokens, top_logprobs=top_logprobs if params.return_logprobs else 0,
         )
 
     # -- public API -----------------------------------------------------------------------
@@ -495,14 +591,19 @@ class PolicyCore:
                     finished = ev.finished
                     new_ids: list[int] = []
                     new_lps: list[float] = []
+                    new_tops: list = []
                     if finished == "stop":
                         row.reason = "stop"  # the stop id itself is not part of the answer
                     else:
                         row.ids.append(ev.token)
                         row.lps.append(ev.logprob)
                         new_ids, new_lps = [ev.token], [ev.logprob]
+                        if ev.top:
+                            row.tops.append(ev.top)
+                            new_tops = [ev.top]
                         generated += 1
-                        if row.req.params.stop and self._match_stop(row, tok):
+                        if (row.req.params.stop and len(row.ids) >= row.req.sp.min_tokens
+                                and self._match_stop(row, tok)):
                             finished = "stop"
                             if ev.finished is None:
                                 leaving.append(ev.row)
@@ -513,7 +614,7 @@ class PolicyCore:
                             row.reason = "length"
                         req.rows_left -= 1
                     if req.queue is not None:
-                        self._emit(row, tok, new_ids, new_lps, finished, req.holdback)
+                        self._emit(row, tok, new_ids, new_lps, finished, req.holdback, new_tops)
                     if req.rows_left == 0 and not req.finished:
                         self._complete(req, tok)
                 now = time.monotonic()
@@ -548,13 +649,19 @@ class PolicyCore:
         keep = len(row.ids)
         while keep > 0 and len(tok.decode(row.ids[:keep])) > cut:
             keep -= 1
-        del row.ids[keep:], row.lps[keep:]
+        del row.ids[keep:], row.lps[keep:], row.tops[keep:]
         row.matched, row.reason = stop, "stop"
         return True
 
     @staticmethod
-    def _emit(row: _Row, tok, ids: list[int], lps: list[float], finished: str | None, holdback: int) -> None:
+    def _alternatives(tok, tops: list[list[tuple[int, float]]]) -> list[list[Alternative]]:
+        return [[(t, lp, token_bytes(tok, t)) for t, lp in top] for top in tops]
+
+    @staticmethod
+    def _emit(row: _Row, tok, ids: list[int], lps: list[float], finished: str | None, holdback: int,
+              tops: list | None = None) -> None:
         req = row.req
+        want = req.params.return_logprobs
         text = tok.decode(row.ids)
         if finished is None:
             stable = text.rstrip("\ufffd")  # an incomplete multi-byte character decodes as U+FFFD
@@ -566,9 +673,11 @@ class PolicyCore:
         row.emitted += delta
         req.emit(StreamEvent(
             prompt_index=row.prompt_index, sample_index=row.sample_index, token_ids=ids,
-            logprobs=lps if req.params.return_logprobs else [], text=delta,
+            logprobs=lps if want else [], text=delta,
             finish_reason=row.reason if finished is not None else None, version=req.version,
             prompt_token_ids=req.prompts[row.prompt_index] if row.sample_index == 0 and not row.announced else [],
+            token_bytes=[token_bytes(tok, t) for t in ids] if want else [],
+            top_logprobs=PolicyCore._alternatives(tok, tops or []) if want else [],
         ))
         row.announced = True
 
@@ -576,9 +685,12 @@ class PolicyCore:
         n = req.sp.n
         cands = [[None] * n for _ in req.prompts]
         for row in req.rows:
+            want = req.params.return_logprobs
             cands[row.prompt_index][row.sample_index] = CandidateOut(
-                token_ids=list(row.ids), logprobs=list(row.lps) if req.params.return_logprobs else [],
+                token_ids=list(row.ids), logprobs=list(row.lps) if want else [],
                 text=tok.decode(row.ids), finish_reason=row.reason, matched_stop=row.matched,
+                token_bytes=[token_bytes(tok, t) for t in row.ids] if want else [],
+                top_logprobs=self._alternatives(tok, row.tops) if want else [],
             )
         req.resolve(GenerationOut(prompt_token_ids=req.prompts, candidates=cands, version=req.version))
 

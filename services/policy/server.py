@@ -57,7 +57,23 @@ def _params(request: policy_pb2.GenerateRequest) -> GenParams:
         stop_token_ids=list(p.stop_token_ids),
         seed=p.seed if p.HasField("seed") else None,
         return_logprobs=p.return_logprobs,
+        min_p=p.min_p if p.HasField("min_p") else None,
+        presence_penalty=p.presence_penalty if p.HasField("presence_penalty") else None,
+        frequency_penalty=p.frequency_penalty if p.HasField("frequency_penalty") else None,
+        repetition_penalty=p.repetition_penalty if p.HasField("repetition_penalty") else None,
+        logit_bias=dict(p.logit_bias),
+        min_tokens=p.min_tokens if p.HasField("min_tokens") else None,
+        ignore_eos=p.ignore_eos,
+        top_logprobs=p.top_logprobs,
     )
+
+
+def alternatives_to_proto(tops) -> list[policy_pb2.TokenAlternatives]:
+    return [
+        policy_pb2.TokenAlternatives(token_ids=[t for t, _, _ in top], logprobs=[lp for _, lp, _ in top],
+                                     token_bytes=[b for _, _, b in top])
+        for top in tops
+    ]
 
 
 def _timeout(context) -> float | None:
@@ -72,7 +88,8 @@ def generation_to_proto(out: GenerationOut) -> policy_pb2.GenerateResponse:
             prompt_token_ids=ids,
             candidates=[
                 policy_pb2.Candidate(text=c.text, token_ids=c.token_ids, logprobs=c.logprobs,
-                                     finish_reason=FINISH[c.finish_reason], matched_stop=c.matched_stop)
+                                     finish_reason=FINISH[c.finish_reason], matched_stop=c.matched_stop,
+                                     token_bytes=c.token_bytes, top_logprobs=alternatives_to_proto(c.top_logprobs))
                 for c in cands
             ],
         ))
@@ -87,6 +104,7 @@ def event_to_proto(ev: StreamEvent) -> policy_pb2.GenerateStreamChunk:
         logprobs=ev.logprobs,
         finish_reason=FINISH[ev.finish_reason] if ev.finish_reason else policy_pb2.FINISH_REASON_UNSPECIFIED,
         policy_version=ev.version, prompt_token_ids=ev.prompt_token_ids,
+        token_bytes=ev.token_bytes, top_logprobs=alternatives_to_proto(ev.top_logprobs),
     )
 
 
@@ -147,6 +165,10 @@ class PolicyApp:
             await asyncio.to_thread(ensure_policy_store, self.args.data_dir)
         path, version = resolve_checkpoint(self.args.checkpoint, self.store)
         await self.core.start(path, version)
+        if self.device.type == "cuda":  # which serving paths run on the Triton kernels, and why not
+            from kernels.report import format_kernel_report
+
+            print(format_kernel_report(self.core.current.model, self.device), flush=True)
         if self.args.follow_trainer:
             self._tasks.append(asyncio.create_task(self._follow_trainer(), name="follow-trainer"))
         if self.args.follow_store > 0:

@@ -181,7 +181,14 @@ class FakeBackends:
                 text = bytes(t - 4 for t in ids).decode("utf-8", errors="replace")
                 finish = "length"
             logprobs = [-rng.random() * 3 for _ in ids]
-            cands.append(GeneratedCandidate(i, text, ids, logprobs, finish))
+            token_bytes = [bytes([t - 4]) for t in ids]
+            # alternatives: the sampled token first, then the next byte values, less likely
+            tops = [
+                [(t, lp, bytes([t - 4]))]
+                + [(4 + (t - 4 + k) % 256, lp - k, bytes([(t - 4 + k) % 256])) for k in range(1, p.top_logprobs)]
+                for t, lp in zip(ids, logprobs)
+            ] if p.top_logprobs else []
+            cands.append(GeneratedCandidate(i, text, ids, logprobs, finish, token_bytes, tops))
         return Generation(
             prompt_token_ids=prompt_ids,
             candidates=cands,
@@ -219,6 +226,8 @@ class FakeBackends:
                     finish_reason=c.finish_reason if done else None,
                     policy_version=gen.policy_version,
                     prompt_token_ids=gen.prompt_token_ids if first else [],
+                    token_bytes=c.token_bytes[pos[i] - 3 : pos[i]],
+                    top_logprobs=c.top_logprobs[pos[i] - 3 : pos[i]],
                 )
                 first = False
                 if done:

@@ -1,6 +1,6 @@
 """The OpenAI API as its clients use it: content parts, OpenAI's error for invalid JSON, the
 model endpoints and unknown models, top_k, and a clear 400 for parameters the model cannot
-honour. Over the honest in-memory backends, plus one check through the real policy service."""
+honour (logit bias and penalties are honoured: tests/gateway/test_openai_sampling.py). Over the honest in-memory backends, plus one check through the real policy service."""
 
 from __future__ import annotations
 
@@ -270,9 +270,6 @@ UNSUPPORTED = [
     ("function_call", {"name": "f"}),
     ("response_format", {"type": "json_object"}),
     ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
-    ("logit_bias", {"50256": -100}),
-    ("presence_penalty", 0.5),
-    ("frequency_penalty", -1),
 ]
 
 

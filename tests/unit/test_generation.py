@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from palm_rlhf import GenerationError, PaLM, SamplingParams, generate_tokens, stream_generate
+from palm_rlhf.generation import DecodeSession
 
 
 @pytest.fixture(scope="module")
@@ -179,3 +180,153 @@ def test_checkpoint_files_are_readable_by_other_users(tmp_path):
     path = save_checkpoint(tmp_path / "ck", {"w": torch.ones(2)}, {"dim": 2})
     assert stat.S_IMODE(path.stat().st_mode) & 0o005 == 0o005
     assert all(stat.S_IMODE(f.stat().st_mode) & 0o004 for f in path.iterdir())
+
+
+# --- sampling controls: logit bias, min-p, penalties, minimum length, top-k log-probs -------
+
+
+PROMPT = [5, 9, 2, 33, 7]
+
+
+def greedy(model, n=12, prompt=PROMPT, **kw):
+    return generate_tokens(model, [prompt], SamplingParams(max_new_tokens=n, temperature=0, **kw))[0][0]
+
+
+def session_run(model, jobs):
+    """Run (name, prompt, params) jobs together in one DecodeSession; tokens per (name, sample)."""
+    session = DecodeSession(model)
+    for name, prompt, sp in jobs:
+        session.add([prompt], sp, tag=name)
+    out: dict = {}
+    while session:
+        for ev in session.step():
+            out.setdefault((ev.row.tag, ev.row.sample_index), []).append(ev)
+    return out
+
+
+def test_logit_bias_minus_100_bans_the_greedy_token(model):
+    base = greedy(model).token_ids
+    first = base[0]
+    biased = greedy(model, logit_bias={first: -100.0}).token_ids
+    assert biased[0] != first and first not in biased
+    # sampled rows never draw it either
+    res = generate_tokens(model, [PROMPT], SamplingParams(max_new_tokens=30, temperature=1.5, seed=3, n=4,
+                                                          logit_bias={first: -100.0}))
+    assert all(first not in c.token_ids for c in res[0])
+    # a positive bias makes a token the greedy choice; the reported log-prob stays the model's own
+    pick = next(t for t in range(40) if t != first)
+    forced = greedy(model, n=3, logit_bias={pick: 100.0})
+    assert forced.token_ids == [pick] * 3
+    with torch.no_grad():
+        logits = model(torch.tensor([PROMPT]))[0, -1]
+    assert forced.logprobs[0] == pytest.approx(float(F.log_softmax(logits, -1)[pick]), abs=1e-5)
+
+
+def test_min_p_one_at_temperature_one_is_greedy(model):
+    base = greedy(model, n=15).token_ids
+    for seed in (1, 2, 3):
+        res = generate_tokens(model, [PROMPT], SamplingParams(max_new_tokens=15, temperature=1.0, seed=seed, min_p=1.0))
+        assert res[0][0].token_ids == base
+    free = [generate_tokens(model, [PROMPT], SamplingParams(max_new_tokens=15, temperature=1.0, seed=s))[0][0].token_ids
+            for s in (1, 2, 3)]
+    assert any(f != base for f in free)
+
+
+def repeats(ids):
+    return len(ids) - len(set(ids))
+
+
+def test_frequency_and_presence_penalties_reduce_repeats(model):
+    base = greedy(model, n=40).token_ids
+    assert repeats(base) > 20  # a small greedy model loops
+    for kw in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0}, {"repetition_penalty": 3.0}):
+        got = greedy(model, n=40, **kw).token_ids
+        assert repeats(got) < repeats(base) - 5, (kw, got, base)
+    # a negative frequency penalty encourages repeats
+    assert repeats(greedy(model, n=40, frequency_penalty=-2.0).token_ids) >= repeats(base)
+
+
+def test_repetition_penalty_covers_the_prompt(model):
+    # a prompt the model continues with one of its own tokens (the greedy model loops)
+    looped = greedy(model, n=40).token_ids
+    k = next(k for k in range(1, 40) if looped[k] in looped[:k])
+    prompt = [*PROMPT, *looped[:k]]
+    nxt = greedy(model, n=1, prompt=prompt).token_ids[0]
+    assert nxt in prompt
+    penalised = greedy(model, n=1, prompt=prompt, repetition_penalty=50.0).token_ids[0]
+    assert penalised not in prompt
+
+
+def test_min_tokens_delays_the_stop_token(model):
+    base = greedy(model, n=20).token_ids
+    stop = base[2]
+    stopped = greedy(model, n=20, stop_token_ids=(stop,))
+    assert stopped.finish_reason == "stop" and len(stopped.token_ids) == 3
+    late = greedy(model, n=20, stop_token_ids=(stop,), min_tokens=8)
+    assert len(late.token_ids) > 8 and stop not in late.token_ids[:8]
+
+
+def test_top_logprobs_are_the_models_most_likely_tokens(model):
+    res = generate_tokens(model, [PROMPT], SamplingParams(max_new_tokens=6, temperature=1.0, seed=4, top_logprobs=5))
+    c = res[0][0]
+    assert len(c.top_logprobs) == len(c.token_ids) == 6
+    seq = list(PROMPT)
+    for tok, lp, top in zip(c.token_ids, c.logprobs, c.top_logprobs):
+        with torch.no_grad():
+            logp = F.log_softmax(model(torch.tensor([seq]))[0, -1], -1)
+        vals, ids = logp.topk(5)
+        assert [t for t, _ in top] == ids.tolist()
+        assert [v for _, v in top] == pytest.approx(vals.tolist(), abs=1e-4)
+        assert lp == pytest.approx(float(logp[tok]), abs=1e-4)
+        seq.append(tok)
+    assert generate_tokens(model, [PROMPT], SamplingParams(max_new_tokens=3))[0][0].top_logprobs == []
+
+
+def test_decode_session_rows_with_different_controls_match_running_alone(model):
+    first = greedy(model).token_ids[0]
+    stop = greedy(model, n=20).token_ids[2]
+    jobs = [
+        ("plain", PROMPT, SamplingParams(max_new_tokens=12, temperature=0)),
+        ("bias", PROMPT, SamplingParams(max_new_tokens=12, temperature=0, logit_bias={first: -100.0})),
+        ("freq", [3, 4], SamplingParams(max_new_tokens=12, temperature=0, frequency_penalty=1.5, top_logprobs=3)),
+        ("minp", PROMPT, SamplingParams(max_new_tokens=12, temperature=1.0, seed=2, min_p=0.3, n=2)),
+        ("min_tokens", PROMPT, SamplingParams(max_new_tokens=20, temperature=0, stop_token_ids=(stop,), min_tokens=6)),
+        ("rep", [7, 8, 9], SamplingParams(max_new_tokens=10, temperature=0.8, seed=5, repetition_penalty=2.0)),
+    ]
+    together = session_run(model, jobs)
+    for name, prompt, sp in jobs:
+        alone = generate_tokens(model, [prompt], sp)[0]
+        for j, c in enumerate(alone):
+            evs = together[(name, j)]
+            assert [e.token for e in evs] == c.token_ids, name
+            if sp.top_logprobs:
+                assert [[t for t, _ in e.top] for e in evs] == [[t for t, _ in top] for top in c.top_logprobs]
+    # rows joining a running batch mid-way keep their own penalty counts
+    session = DecodeSession(model)
+    session.add([PROMPT], SamplingParams(max_new_tokens=16, temperature=0), tag="a")
+    got: dict = {}
+    for _ in range(4):
+        for ev in session.step():
+            got.setdefault(ev.row.tag, []).append(ev.token)
+    session.add([[3, 4]], SamplingParams(max_new_tokens=12, temperature=0, frequency_penalty=1.5), tag="b")
+    while session:
+        for ev in session.step():
+            got.setdefault(ev.row.tag, []).append(ev.token)
+    assert got["b"] == generate_tokens(model, [[3, 4]], jobs[2][2])[0][0].token_ids
+    assert got["a"] == greedy(model, n=16).token_ids
+
+
+@pytest.mark.parametrize(
+    ("params", "match"),
+    [
+        (SamplingParams(min_p=1.5), "min_p"),
+        (SamplingParams(repetition_penalty=0), "repetition_penalty"),
+        (SamplingParams(presence_penalty=float("nan")), "presence_penalty"),
+        (SamplingParams(logit_bias={99: 1.0}), "logit_bias"),
+        (SamplingParams(max_new_tokens=4, min_tokens=5), "min_tokens"),
+        (SamplingParams(top_logprobs=-1), "top_logprobs"),
+    ],
+)
+def test_invalid_controls_are_rejected(model, params, match):
+    with pytest.raises(GenerationError, match=match):
+        generate_tokens(model, [PROMPT], params)

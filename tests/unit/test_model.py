@@ -209,3 +209,84 @@ def test_float32_cpu_weights_are_input_major_and_state_dict_is_contiguous(tmp_pa
     assert model.layers[0].fused_attn_ff_proj.weight.is_contiguous()
     model.float()
     assert model.layers[0].fused_attn_ff_proj.weight.stride() == (1, w.shape[0])
+
+
+# --- padding masks in the form the kernels take, autocast ---------------------------------
+
+
+def _prefill_mask(pad: torch.Tensor, n: int) -> torch.Tensor:
+    """The mask of a left-padded prefill, as the generation engine builds it."""
+    key_valid = torch.arange(n)[None] >= pad[:, None]
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    return (key_valid[:, None, None, :] & causal) | torch.eye(n, dtype=torch.bool)
+
+
+def test_dense_key_mask_is_the_models_own_padding_mask():
+    from kernels.dispatch import dense_key_mask
+
+    torch.manual_seed(0)
+    mask = torch.rand(3, 9) > 0.3
+    causal = torch.ones(9, 9, dtype=torch.bool).tril()
+    want = (mask[:, None, None, :] & causal) | torch.eye(9, dtype=torch.bool)  # PaLM.forward's causal mask
+    assert torch.equal(dense_key_mask(mask, 9, True), want.expand(3, 1, 9, 9))
+    assert torch.equal(dense_key_mask(mask, 9, False), mask[:, None, None, :].expand(3, 1, 9, 9))
+
+
+def test_key_valid_from_mask_recovers_left_padding_and_rejects_other_masks():
+    from palm_rlhf.model import key_valid_from_mask
+
+    pad = torch.tensor([0, 3, 5])
+    got = key_valid_from_mask(_prefill_mask(pad, 8), causal=True)
+    assert torch.equal(got, torch.arange(8)[None] >= pad[:, None])
+    other = _prefill_mask(pad, 8).clone()
+    other[1, 0, 6, 4] = False  # one query misses one valid key: not a key-padding mask
+    assert key_valid_from_mask(other, causal=True) is None
+    assert key_valid_from_mask(_prefill_mask(pad, 8), causal=False) is None
+
+
+def test_masked_forward_is_the_same_through_the_key_padding_form(monkeypatch):
+    """PaLM.forward(mask=...) gives the kernels the mask as key_valid; the PyTorch path with
+    that key_valid computes what it computes with the model's dense mask."""
+    from kernels import dispatch
+
+    model = tiny()
+    x = torch.randint(1, 50, (3, 10))
+    mask = torch.ones(3, 10, dtype=torch.bool)
+    mask[0, 7:] = False
+    mask[1, :3] = False
+    want = model(x, mask=mask)
+    seen = []
+    real = dispatch.attention
+
+    def as_key_valid(q, k, v, causal=True, attn_mask=None, key_valid=None, **kw):
+        seen.append(attn_mask is not None)
+        if attn_mask is not None:  # hand the padding over in the kernels' form
+            key_valid = attn_mask[:, 0, -1, :]
+            assert torch.equal(dispatch.dense_key_mask(key_valid, q.shape[-2], True), attn_mask)
+            return real(q, k, v, causal=True, key_valid=key_valid, **kw)
+        return real(q, k, v, causal=causal, key_valid=key_valid, **kw)
+
+    monkeypatch.setattr(dispatch, "attention", as_key_valid)
+    got = model(x, mask=mask)
+    assert seen and all(seen)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_autocast_keeps_q_k_v_in_one_dtype(monkeypatch):
+    from kernels import dispatch
+
+    model = tiny().train()
+    x = torch.randint(1, 50, (2, 12))
+    dtypes = []
+    real = dispatch.attention
+
+    def spy(q, k, v, *a, **kw):
+        dtypes.append((q.dtype, k.dtype, v.dtype))
+        return real(q, k, v, *a, **kw)
+
+    monkeypatch.setattr(dispatch, "attention", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(x, return_loss=True)
+    loss.backward()
+    assert dtypes == [(torch.bfloat16,) * 3] * 2
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters() if p.requires_grad)

@@ -25,31 +25,37 @@ _sym_db = _symbol_database.Default()
 from palm_rlhf.proto.v1 import common_pb2 as palm__rlhf_dot_proto_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fpalm_rlhf/proto/v1/policy.proto\x12\x0cpalm_rlhf.v1\x1a\x1fpalm_rlhf/proto/v1/common.proto\"N\n\x06Prompt\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x16.palm_rlhf.v1.TokenIdsH\x00\x42\x07\n\x05input\"\x97\x02\n\x0eSamplingParams\x12\x0e\n\x01n\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x05\x88\x01\x01\x12\x17\n\x0freturn_logprobs\x18\t \x01(\x08\x42\x04\n\x02_nB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x11\n\x0f_max_new_tokensB\x07\n\x05_seed\"z\n\x0fGenerateRequest\x12%\n\x07prompts\x18\x01 \x03(\x0b\x32\x14.palm_rlhf.v1.Prompt\x12,\n\x06params\x18\x02 \x01(\x0b\x32\x1c.palm_rlhf.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\x87\x01\n\tCandidate\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.palm_rlhf.v1.FinishReason\x12\x14\n\x0cmatched_stop\x18\x05 \x01(\t\"U\n\x0cPromptResult\x12\x18\n\x10prompt_token_ids\x18\x01 \x03(\x05\x12+\n\ncandidates\x18\x02 \x03(\x0b\x32\x17.palm_rlhf.v1.Candidate\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x03\"{\n\x10GenerateResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.palm_rlhf.v1.PromptResult\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\x12\"\n\x05usage\x18\x03 \x01(\x0b\x32\x13.palm_rlhf.v1.Usage\"\xd9\x01\n\x13GenerateStreamChunk\x12\x14\n\x0cprompt_index\x18\x01 \x01(\x05\x12\x14\n\x0csample_index\x18\x02 \x01(\x05\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x10\n\x08logprobs\x18\x05 \x03(\x02\x12\x31\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x1a.palm_rlhf.v1.FinishReason\x12\x16\n\x0epolicy_version\x18\x07 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x08 \x03(\x05*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\xcb\x02\n\x06Policy\x12I\n\x08Generate\x12\x1d.palm_rlhf.v1.GenerateRequest\x1a\x1e.palm_rlhf.v1.GenerateResponse\x12T\n\x0eGenerateStream\x12\x1d.palm_rlhf.v1.GenerateRequest\x1a!.palm_rlhf.v1.GenerateStreamChunk0\x01\x12L\n\tModelInfo\x12\x1e.palm_rlhf.v1.ModelInfoRequest\x1a\x1f.palm_rlhf.v1.ModelInfoResponse\x12R\n\x0bLoadVersion\x12 .palm_rlhf.v1.LoadVersionRequest\x1a!.palm_rlhf.v1.LoadVersionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fpalm_rlhf/proto/v1/policy.proto\x12\x0cpalm_rlhf.v1\x1a\x1fpalm_rlhf/proto/v1/common.proto\"N\n\x06Prompt\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x16.palm_rlhf.v1.TokenIdsH\x00\x42\x07\n\x05input\"\x9c\x05\n\x0eSamplingParams\x12\x0e\n\x01n\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x05\x88\x01\x01\x12\x17\n\x0freturn_logprobs\x18\t \x01(\x08\x12\x12\n\x05min_p\x18\n \x01(\x02H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0b \x01(\x02H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0c \x01(\x02H\x08\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\r \x01(\x02H\t\x88\x01\x01\x12?\n\nlogit_bias\x18\x0e \x03(\x0b\x32+.palm_rlhf.v1.SamplingParams.LogitBiasEntry\x12\x17\n\nmin_tokens\x18\x0f \x01(\x05H\n\x88\x01\x01\x12\x12\n\nignore_eos\x18\x10 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x11 \x01(\x05\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x04\n\x02_nB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x11\n\x0f_max_new_tokensB\x07\n\x05_seedB\x08\n\x06_min_pB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\r\n\x0b_min_tokens\"M\n\x11TokenAlternatives\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\x13\n\x0btoken_bytes\x18\x03 \x03(\x0c\"z\n\x0fGenerateRequest\x12%\n\x07prompts\x18\x01 \x03(\x0b\x32\x14.palm_rlhf.v1.Prompt\x12,\n\x06params\x18\x02 \x01(\x0b\x32\x1c.palm_rlhf.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\xd3\x01\n\tCandidate\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.palm_rlhf.v1.FinishReason\x12\x14\n\x0cmatched_stop\x18\x05 \x01(\t\x12\x13\n\x0btoken_bytes\x18\x06 \x03(\x0c\x12\x35\n\x0ctop_logprobs\x18\x07 \x03(\x0b\x32\x1f.palm_rlhf.v1.TokenAlternatives\"U\n\x0cPromptResult\x12\x18\n\x10prompt_token_ids\x18\x01 \x03(\x05\x12+\n\ncandidates\x18\x02 \x03(\x0b\x32\x17.palm_rlhf.v1.Candidate\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x03\"{\n\x10GenerateResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.palm_rlhf.v1.PromptResult\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\x12\"\n\x05usage\x18\x03 \x01(\x0b\x32\x13.palm_rlhf.v1.Usage\"\xa5\x02\n\x13GenerateStreamChunk\x12\x14\n\x0cprompt_index\x18\x01 \x01(\x05\x12\x14\n\x0csample_index\x18\x02 \x01(\x05\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x10\n\x08logprobs\x18\x05 \x03(\x02\x12\x31\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x1a.palm_rlhf.v1.FinishReason\x12\x16\n\x0epolicy_version\x18\x07 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x08 \x03(\x05\x12\x13\n\x0btoken_bytes\x18\t \x03(\x0c\x12\x35\n\x0ctop_logprobs\x18\n \x03(\x0b\x32\x1f.palm_rlhf.v1.TokenAlternatives*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\xcb\x02\n\x06Policy\x12I\n\x08Generate\x12\x1d.palm_rlhf.v1.GenerateRequest\x1a\x1e.palm_rlhf.v1.GenerateResponse\x12T\n\x0eGenerateStream\x12\x1d.palm_rlhf.v1.GenerateRequest\x1a!.palm_rlhf.v1.GenerateStreamChunk0\x01\x12L\n\tModelInfo\x12\x1e.palm_rlhf.v1.ModelInfoRequest\x1a\x1f.palm_rlhf.v1.ModelInfoResponse\x12R\n\x0bLoadVersion\x12 .palm_rlhf.v1.LoadVersionRequest\x1a!.palm_rlhf.v1.LoadVersionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'palm_rlhf.proto.v1.policy_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1197
-  _globals['_FINISHREASON']._serialized_end=1321
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
+  _globals['_FINISHREASON']._serialized_start=1817
+  _globals['_FINISHREASON']._serialized_end=1941
   _globals['_PROMPT']._serialized_start=82
   _globals['_PROMPT']._serialized_end=160
   _globals['_SAMPLINGPARAMS']._serialized_start=163
-  _globals['_SAMPLINGPARAMS']._serialized_end=442
-  _globals['_GENERATEREQUEST']._serialized_start=444
-  _globals['_GENERATEREQUEST']._serialized_end=566
-  _globals['_CANDIDATE']._serialized_start=569
-  _globals['_CANDIDATE']._serialized_end=704
-  _globals['_PROMPTRESULT']._serialized_start=706
-  _globals['_PROMPTRESULT']._serialized_end=791
-  _globals['_USAGE']._serialized_start=793
-  _globals['_USAGE']._serialized_end=850
-  _globals['_GENERATERESPONSE']._serialized_start=852
-  _globals['_GENERATERESPONSE']._serialized_end=975
-  _globals['_GENERATESTREAMCHUNK']._serialized_start=978
-  _globals['_GENERATESTREAMCHUNK']._serialized_end=1195
-  _globals['_POLICY']._serialized_start=1324
-  _globals['_POLICY']._serialized_end=1655
+  _globals['_SAMPLINGPARAMS']._serialized_end=831
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=622
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=670
+  _globals['_TOKENALTERNATIVES']._serialized_start=833
+  _globals['_TOKENALTERNATIVES']._serialized_end=910
+  _globals['_GENERATEREQUEST']._serialized_start=912
+  _globals['_GENERATEREQUEST']._serialized_end=1034
+  _globals['_CANDIDATE']._serialized_start=1037
+  _globals['_CANDIDATE']._serialized_end=1248
+  _globals['_PROMPTRESULT']._serialized_start=1250
+  _globals['_PROMPTRESULT']._serialized_end=1335
+  _globals['_USAGE']._serialized_start=1337
+  _globals['_USAGE']._serialized_end=1394
+  _globals['_GENERATERESPONSE']._serialized_start=1396
+  _globals['_GENERATERESPONSE']._serialized_end=1519
+  _globals['_GENERATESTREAMCHUNK']._serialized_start=1522
+  _globals['_GENERATESTREAMCHUNK']._serialized_end=1815
+  _globals['_POLICY']._serialized_start=1944
+  _globals['_POLICY']._serialized_end=2275
 # @@protoc_insertion_point(module_scope)

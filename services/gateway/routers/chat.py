@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
+from .. import logprobs as lp
 from ..admission import ClientGone, until_disconnect
 from ..backends import BackendError, SamplingOptions, StreamEvent
 from ..conversation import FittedPrompt
@@ -21,7 +22,10 @@ from ..schemas import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     Choice,
+    ChoiceLogprobs,
     GatewayExtras,
+    SamplingRequest,
+    TokenLogprob,
     Usage,
 )
 from ..state import Authorized, Client, GatewayState, State
@@ -41,16 +45,46 @@ SSE_EVENT: dict[str, Any] = {
 }
 
 
-def sampling_of(req: ChatCompletionRequest, max_tokens: int | None) -> SamplingOptions:
+def sampling_options(req: SamplingRequest, max_tokens: int | None, stop: list[str], top_n: int) -> SamplingOptions:
+    """The request's sampling controls as the policy takes them."""
     return SamplingOptions(
         max_tokens=max_tokens,
         temperature=req.temperature,
         top_p=req.top_p,
         top_k=req.top_k,
-        # "\n" ends the answer (a new turn would begin): stopping there saves decoding
-        stop=["\n", *[s for s in req.stop_list() if s != "\n"]],
+        stop=stop,
         seed=req.seed,
+        min_p=req.min_p,
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        repetition_penalty=req.repetition_penalty,
+        logit_bias=req.logit_bias_ids(),
+        min_tokens=req.min_tokens,
+        stop_token_ids=list(req.stop_token_ids or []),
+        ignore_eos=req.ignore_eos,
+        top_logprobs=top_n,
     )
+
+
+def sampling_of(req: ChatCompletionRequest, max_tokens: int | None) -> SamplingOptions:
+    # "\n" ends the answer (a new turn would begin): stopping there saves decoding
+    stop = ["\n", *[s for s in req.stop_list() if s != "\n"]]
+    return sampling_options(req, max_tokens, stop, req.top_n())
+
+
+def controls_record(req: SamplingRequest) -> dict[str, Any]:
+    """The sampling controls beyond temperature/top-p/top-k, as stored (only those set)."""
+    out = {
+        "min_p": req.min_p,
+        "presence_penalty": req.presence_penalty,
+        "frequency_penalty": req.frequency_penalty,
+        "repetition_penalty": req.repetition_penalty,
+        "logit_bias": req.logit_bias or None,
+        "min_tokens": req.min_tokens,
+        "stop_token_ids": req.stop_token_ids or None,
+        "ignore_eos": req.ignore_eos or None,
+    }
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def sampling_record(req: ChatCompletionRequest, fitted: FittedPrompt) -> dict[str, Any]:
@@ -64,6 +98,8 @@ def sampling_record(req: ChatCompletionRequest, fitted: FittedPrompt) -> dict[st
         "seed": req.seed,
         "stream": req.stream,
         "dropped_turns": fitted.dropped_turns,
+        **controls_record(req),
+        **({"logprobs": True, "top_logprobs": req.top_n()} if req.logprobs else {}),
     }
 
 
@@ -85,7 +121,14 @@ async def _record(state: GatewayState, req, client: Client, fitted: FittedPrompt
     )
 
 
-def response_of(rec, gen, fitted: FittedPrompt) -> ChatCompletionResponse:
+def choice_logprobs(gen, sample_index: int, top_n: int) -> ChoiceLogprobs:
+    c = next(c for c in gen.candidates if c.sample_index == sample_index)
+    content = lp.chat_content(c.logprobs, c.token_bytes, c.top_logprobs, top_n)
+    return ChoiceLogprobs(content=[TokenLogprob(**t) for t in content])
+
+
+def response_of(rec, gen, fitted: FittedPrompt, top_n: int | None = None) -> ChatCompletionResponse:
+    """``top_n``: None without logprobs, else the alternatives per token."""
     return ChatCompletionResponse(
         id=rec.id,
         created=int(rec.created_at),
@@ -96,6 +139,7 @@ def response_of(rec, gen, fitted: FittedPrompt) -> ChatCompletionResponse:
                 message=AssistantMessage(content=c.text),
                 finish_reason="length" if c.finish_reason == "length" else "stop",
                 reward=c.reward,
+                logprobs=None if top_n is None else choice_logprobs(gen, c.sample_index, top_n),
             )
             for c in rec.candidates[: rec.n]
         ],
@@ -170,7 +214,11 @@ async def chat_completions(
     if req.stream:
         return _stream_ranked(req, rec, gen, fitted, headers)
     response.headers.update(headers)
-    return response_of(rec, gen, fitted)
+    return response_of(rec, gen, fitted, _top_n(req))
+
+
+def _top_n(req: ChatCompletionRequest) -> int | None:
+    return req.top_n() if req.logprobs else None
 
 
 def _extras(fitted: FittedPrompt) -> dict[str, Any]:
@@ -180,7 +228,7 @@ def _extras(fitted: FittedPrompt) -> dict[str, Any]:
 def _stream_ranked(req, rec, gen, fitted, headers) -> StreamingResponse:
     """best_of > n: the answer is known only once every candidate is scored, so it was
     generated, ranked and stored first (errors became HTTP statuses); send the chosen ones."""
-    resp = response_of(rec, gen, fitted)
+    resp = response_of(rec, gen, fitted, _top_n(req))
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
     async def events() -> AsyncIterator[str]:
@@ -206,7 +254,9 @@ async def _stream_live(state, req, client, fitted, n, params, stops, started, he
     except BaseException:
         slot.release()
         raise
-    live = LiveStream("chatcmpl-" + uuid.uuid4().hex, int(time.time()), req.model, n, stops, _extras(fitted))
+    live = LiveStream(
+        "chatcmpl-" + uuid.uuid4().hex, int(time.time()), req.model, n, stops, _extras(fitted), _top_n(req)
+    )
 
     async def events() -> AsyncIterator[str]:
         try:

@@ -15,9 +15,18 @@ def model_not_found(state: GatewayState, name: str, param: str | None) -> APIErr
     cfg = state.config
     also = ", ".join(repr(a) for a in cfg.model_aliases if a != cfg.model_name)
     served = f"'{cfg.model_name}'" + (f" (also accepted as {also})" if also else "")
+    base, at, _version = name.partition("@")
+    if at and base in state.known_models:
+        # a named policy version: the policy serves one version at a time, the current one
+        message = (
+            f"The model '{name}' is not served: only the current version of '{base}' is served; "
+            f"send model '{base}' (each response's policy_version names the version that answered)"
+        )
+    else:
+        message = f"The model '{name}' does not exist: this gateway serves {served}"
     return APIError(
         404,
-        f"The model '{name}' does not exist: this gateway serves {served}",
+        message,
         type="invalid_request_error",
         param=param,
         code="model_not_found",
