@@ -14,7 +14,15 @@
 #              prompt lengths; Hugging Face transformers as a peer when it is installed
 #   serve      `palm-rlhf up --device cuda` and one best-of-4 chat through the gateway
 # Every figure goes into one JSON file; logs of every step sit beside it (gpu-check-logs/).
+#
+#   bash bench/gpu_check.sh --dry-run  # (or GPU_CHECK_DRY_RUN=1) the same plumbing on the CPU:
+#                                      # every step runs, on tiny shapes, the kernels through
+#                                      # the Triton interpreter, `up --device cpu`; no figures
 set -u
+DRY_RUN="${GPU_CHECK_DRY_RUN:-0}"
+if [ "${1:-}" = "--dry-run" ]; then DRY_RUN=1; fi
+if [ "$DRY_RUN" = 1 ]; then DEVICE=cpu; else DEVICE=cuda; fi
+export GPU_CHECK_DEVICE="$DEVICE"
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT" || exit 1
@@ -78,8 +86,14 @@ if [ -z "$PY" ]; then
 fi
 echo "[gpu-check] python: $PY"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-unset TRITON_INTERPRET PALM_RLHF_KERNELS
-export PALM_RLHF_KERNEL_TEST_DEVICE=cuda
+unset PALM_RLHF_KERNELS
+if [ "$DRY_RUN" = 1 ]; then
+    export TRITON_INTERPRET=1
+    echo "[gpu-check] dry run: the plumbing on the CPU, no figures"
+else
+    unset TRITON_INTERPRET
+    export PALM_RLHF_KERNEL_TEST_DEVICE=cuda
+fi
 
 # --- probe: the device and the kernel report ----------------------------------------------
 run_step probe 40 "$PY" - "$WORK/steps/probe.json" <<'EOF'
@@ -109,7 +123,7 @@ try:
     from palm_rlhf import PaLM
 
     model = PaLM(num_tokens=256, dim=256, depth=2, dim_head=64, heads=4)
-    out["kernel_report"] = kernel_report(model, "cuda", torch.bfloat16)
+    out["kernel_report"] = kernel_report(model, "cuda", torch.bfloat16)  # what a GPU would run
     print(format_kernel_report(model, "cuda", torch.bfloat16))
 except Exception as exc:  # noqa: BLE001 - recorded, not fatal
     out["kernel_report"] = f"failed: {exc!r}"
@@ -119,25 +133,36 @@ EOF
 
 # --- tests: the kernel tests on CUDA ------------------------------------------------------
 # one pinned tile configuration per kernel (no autotuning) so the compiles fit the limit
-PALM_RLHF_KERNELS_AUTOTUNE=0 run_step tests 150 "$PY" -m pytest tests/kernels -q -p no:cacheprovider \
+if [ "$DRY_RUN" = 1 ]; then  # one quick kernel test file, interpreted
+    TEST_ARGS=(tests/kernels/test_kernels_dispatch.py)
+    KERNEL_ARGS=(--smoke)
+else
+    TEST_ARGS=(tests/kernels)
+    KERNEL_ARGS=(--seq-lens 1024,4096)
+fi
+PALM_RLHF_KERNELS_AUTOTUNE=0 run_step tests 150 "$PY" -m pytest "${TEST_ARGS[@]}" -q -p no:cacheprovider \
     --timeout 120 --junitxml "$WORK/steps/tests.xml"
 
 # --- kernels: bench/kernels.py ------------------------------------------------------------
-PALM_RLHF_KERNELS_AUTOTUNE=0 run_step kernels 100 "$PY" bench/kernels.py --seq-lens 1024,4096 \
+PALM_RLHF_KERNELS_AUTOTUNE=0 run_step kernels 100 "$PY" bench/kernels.py "${KERNEL_ARGS[@]}" \
     --json "$WORK/steps/kernels.json"
 
 # --- generate: throughput on CUDA ---------------------------------------------------------
 run_step generate 50 "$PY" - "$WORK/steps/generate.json" <<'EOF'
-import json, sys, time
+import json, os, sys, time
 
 import torch
 
 from kernels import dispatch, fallbacks
 from palm_rlhf import PaLM, SamplingParams, generate_tokens
 
+device = os.environ.get("GPU_CHECK_DEVICE", "cuda")
+dry = device != "cuda"
 # the shape of bench/generate.py: dim 512, depth 8, 8 heads of 64, one K/V head, vocab 256
 out = {"model": dict(num_tokens=256, dim=512, depth=8, dim_head=64, heads=8), "dtype": "bfloat16",
-       "new_tokens": 128}
+       "new_tokens": 128, "device": device}
+if dry:  # the plumbing only: a tiny model, the PyTorch path, no peer
+    out.update(model=dict(num_tokens=256, dim=64, depth=2, dim_head=16, heads=4), dtype="float32", new_tokens=8)
 path = sys.argv[1]
 
 
@@ -145,23 +170,28 @@ def save():
     json.dump(out, open(path, "w"), indent=2)
 
 
+def sync():
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 torch.manual_seed(0)
-model = PaLM(**out["model"]).to(device="cuda", dtype=torch.bfloat16).eval()
+model = PaLM(**out["model"]).to(device=device, dtype=getattr(torch, out["dtype"])).eval()
 params = SamplingParams(max_new_tokens=out["new_tokens"], temperature=0.8, seed=0)
 cases = {
     "batch1": [list(range(1, 65))],
     "batch8_equal": [list(range(1 + i, 65 + i)) for i in range(8)],
     "batch8_mixed": [list(range(1, 9 + 16 * i)) for i in range(8)],  # left padding in prefill and decode
 }
-for backend in ("torch", "triton"):
+for backend in ("torch",) if dry else ("torch", "triton"):
     for name, prompts in cases.items():
         with dispatch.use_backend(backend):
             generate_tokens(model, prompts, SamplingParams(max_new_tokens=4))  # warm-up / compile
-            torch.cuda.synchronize()
+            sync()
             fallbacks.reset()
             t0 = time.perf_counter()
             res = generate_tokens(model, prompts, params)
-            torch.cuda.synchronize()
+            sync()
             dt = time.perf_counter() - t0
         toks = sum(len(r[0].token_ids) for r in res)
         out.setdefault(backend, {})[name] = {"seconds": dt, "tokens": toks, "tokens_per_s": toks / dt,
@@ -172,7 +202,12 @@ for backend in ("torch", "triton"):
 try:
     import transformers
 except ImportError:
+    transformers = None
     out["hf_transformers"] = "not installed: no Hugging Face peer measured"
+if dry:
+    transformers = None
+if transformers is None:
+    out.setdefault("hf_transformers", "dry run: no peer measured")
 else:
     cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
                                    num_attention_heads=8, num_key_value_heads=1, max_position_embeddings=1024)
@@ -208,7 +243,7 @@ serve_check() {
         return 1
     fi
     trap 'kill -KILL -- "-$pid" 2> /dev/null' EXIT
-    setsid "$cli" up --device cuda --port "$port" --host 127.0.0.1 --free-ports --data-dir "$data" \
+    setsid "$cli" up --device "$GPU_CHECK_DEVICE" --port "$port" --host 127.0.0.1 --free-ports --data-dir "$data" \
         > "$LOGS/serve-up.log" 2>&1 &
     pid=$!
     local ready=0
@@ -242,7 +277,7 @@ run_step serve 90 bash -c serve_check
 # --- one JSON of everything ---------------------------------------------------------------
 TOTAL=$((SECONDS - START))
 "$PY" - "$WORK" "$RESULT" "$TOTAL" "$LOGS" <<'EOF' || printf '{"error": "could not assemble the results", "logs": "%s"}\n' "$LOGS" > "$RESULT"
-import json, sys
+import json, os, sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -255,7 +290,7 @@ for line in (work / "steps.tsv").read_text().splitlines():
     log = Path(logs) / f"{name}.log"
     if status != "ok" and log.exists():  # what went wrong, without having to fetch the logs
         steps[name]["log_tail"] = log.read_text(errors="replace").splitlines()[-30:]
-out = {"total_seconds": total, "steps": steps, "logs": logs}
+out = {"total_seconds": total, "steps": steps, "logs": logs, "dry_run": os.environ.get("GPU_CHECK_DEVICE") != "cuda"}
 
 
 def load(name):

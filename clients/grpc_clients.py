@@ -32,7 +32,26 @@ _FINISH = {
 Prompt = str | Sequence[int]
 
 
-class RewardClient(GrpcClient):
+class _ServesVersions(GrpcClient):
+    """ModelInfo and the admin LoadVersion, which the policy and the reward service share."""
+
+    _service: str  # "Policy" or "Reward"
+
+    def model_info(self, *, timeout: float | None = None) -> ModelInfo:
+        resp = self._call(f"{self._service}/ModelInfo", self._stub.ModelInfo, common_pb2.ModelInfoRequest(),
+                          timeout=timeout)
+        return ModelInfo.from_proto(resp)
+
+    def load_version(self, version: str = "", *, timeout: float | None = None) -> VersionChange:
+        """Admin: serve ``version`` from the checkpoint store ("" = its CURRENT)."""
+        resp = self._call(
+            f"{self._service}/LoadVersion", self._stub.LoadVersion, common_pb2.LoadVersionRequest(version=version),
+            timeout=timeout, admin=True,
+        )
+        return VersionChange(resp.version, resp.previous_version)
+
+
+class RewardClient(_ServesVersions):
     """Scores text with the reward service.
 
     >>> with RewardClient("127.0.0.1:50053") as rc:            # doctest: +SKIP
@@ -44,6 +63,7 @@ class RewardClient(GrpcClient):
 
     def __init__(self, addr: str, **kw):
         super().__init__(addr, **kw)
+        self._service = "Reward"
         self._stub = reward_pb2_grpc.RewardStub(self.channel)
 
     def score(
@@ -82,17 +102,6 @@ class RewardClient(GrpcClient):
             out.append(ScoreResult([d.score for d in details], details, resp.scorer, resp.reward_version))
         return out
 
-    def model_info(self, *, timeout: float | None = None) -> ModelInfo:
-        resp = self._call("Reward/ModelInfo", self._stub.ModelInfo, common_pb2.ModelInfoRequest(), timeout=timeout)
-        return ModelInfo.from_proto(resp)
-
-    def load_version(self, version: str = "", *, timeout: float | None = None) -> VersionChange:
-        """Admin: switch the learned scorer to ``version`` ("" = the store's CURRENT)."""
-        resp = self._call(
-            "Reward/LoadVersion", self._stub.LoadVersion, common_pb2.LoadVersionRequest(version=version),
-            timeout=timeout, admin=True,
-        )
-        return VersionChange(resp.version, resp.previous_version)
 
 
 def _prompt_proto(p: Prompt) -> policy_pb2.Prompt:
@@ -116,7 +125,7 @@ def _sampling(
     return sp
 
 
-class PolicyClient(GrpcClient):
+class PolicyClient(_ServesVersions):
     """Samples completions from the policy service.
 
     A prompt is text (encoded by the service, BOS prepended) or a list of token ids (used as
@@ -127,6 +136,7 @@ class PolicyClient(GrpcClient):
 
     def __init__(self, addr: str, **kw):
         super().__init__(addr, **kw)
+        self._service = "Policy"
         self._stub = policy_pb2_grpc.PolicyStub(self.channel)
 
     def generate_many(
@@ -201,17 +211,6 @@ class PolicyClient(GrpcClient):
                 policy_version=c.policy_version, prompt_token_ids=list(c.prompt_token_ids),
             )
 
-    def model_info(self, *, timeout: float | None = None) -> ModelInfo:
-        resp = self._call("Policy/ModelInfo", self._stub.ModelInfo, common_pb2.ModelInfoRequest(), timeout=timeout)
-        return ModelInfo.from_proto(resp)
-
-    def load_version(self, version: str = "", *, timeout: float | None = None) -> VersionChange:
-        """Admin: serve ``version`` from the checkpoint store ("" = its CURRENT)."""
-        resp = self._call(
-            "Policy/LoadVersion", self._stub.LoadVersion, common_pb2.LoadVersionRequest(version=version),
-            timeout=timeout, admin=True,
-        )
-        return VersionChange(resp.version, resp.previous_version)
 
 
 class TrainerClient(GrpcClient):

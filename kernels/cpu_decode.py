@@ -160,9 +160,21 @@ def reference(fused, cos, sin, k_cache, v_cache, pos, heads, ff, scale, start=0)
     return torch.cat((att.reshape(b, heads * d), F.silu(gate) * value), dim=-1)
 
 
+# head dims the self-check runs: the generic loop (16) and each vectorised case of the C source
+SELF_CHECK_HEAD_DIMS = (16, 32, 64, 128)
+
+
 def _self_check(lib) -> bool:
     gen = torch.Generator().manual_seed(0)
-    heads, d, ff, slots = 3, 16, 24, 12
+    heads, ff, slots = 3, 24, 12
+    for d in SELF_CHECK_HEAD_DIMS:
+        if not _self_check_dim(lib, gen, heads, d, ff, slots):
+            log.warning("the CPU decode kernel disagrees with PyTorch at head dim %d", d)
+            return False
+    return True
+
+
+def _self_check_dim(lib, gen, heads: int, d: int, ff: int, slots: int) -> bool:
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
         for rows, pos, start, per_row in ((1, 0, 0, False), (2, 7, 0, False), (2, 9, 3, False), (3, 9, None, True)):
             fused = torch.randn(rows, heads * d + 2 * d + 2 * ff, generator=gen).to(dtype)
@@ -196,7 +208,7 @@ def library():
             try:
                 try:
                     path = build()
-                except RuntimeError:
+                except (RuntimeError, OSError):  # no compiler, or a cache directory we cannot write
                     if not PREBUILT.exists():
                         raise
                     path = PREBUILT
@@ -238,6 +250,8 @@ def supports(rows: torch.Tensor, caches, pos: int) -> bool:
         and d % 2 == 0
         and rows.shape[0] * (pos + 1) <= MAX_WORK
         and pos < k0.shape[-2]
+        and k0.dim() == 4
+        and k0.shape[1] == 1  # one K/V head (multi-query attention): the kernel's cache layout
         and k0.shape[0] == rows.shape[0]
         and all(k.dtype == v.dtype == rows.dtype and k.stride() == v.stride() == strides for k, v in caches)
         and available()

@@ -76,6 +76,27 @@ def _tokenize_prompts(prompts: Sequence[str], tokenizer) -> list[list[int]]:
     return [list(map(int, row)) for row in ids]
 
 
+def _prompt_token_lists(prompts, prompts_path, prompt_token_ids, tokenizer, pad_value: int) -> list[list[int]]:
+    """The prompts as token id lists, padding removed, from whichever form was given."""
+    if prompts_path is not None:
+        prompts = load_prompts(prompts_path)
+    if prompts is not None:
+        if len(prompts) == 0:
+            raise ValueError("no prompts")
+        token_lists = _tokenize_prompts(prompts, tokenizer)
+    elif torch.is_tensor(prompt_token_ids):
+        ids = prompt_token_ids.reshape(-1, prompt_token_ids.shape[-1]) if prompt_token_ids.dim() else None
+        if ids is None:
+            raise ValueError("prompt_token_ids must be (num_prompts, length)")
+        token_lists = [row[row != pad_value].tolist() for row in ids]
+    else:
+        token_lists = [[int(t) for t in row if int(t) != pad_value] for row in prompt_token_ids]
+    empty = [i for i, p in enumerate(token_lists) if not p]
+    if empty:
+        raise ValueError(f"prompts {empty[:5]} are empty after removing padding")
+    return token_lists
+
+
 class RLHFTrainer(nn.Module):
     """Fine-tune ``palm`` to maximise ``reward_model`` with a KL leash to the starting model.
 
@@ -172,22 +193,7 @@ class RLHFTrainer(nn.Module):
             scale_rewards_by_std = algorithm != "drgrpo"
 
         self.pad_value = int(pad_value)
-        if prompts_path is not None:
-            prompts = load_prompts(prompts_path)
-        if prompts is not None:
-            if len(prompts) == 0:
-                raise ValueError("no prompts")
-            token_lists = _tokenize_prompts(prompts, tokenizer)
-        elif torch.is_tensor(prompt_token_ids):
-            ids = prompt_token_ids.reshape(-1, prompt_token_ids.shape[-1]) if prompt_token_ids.dim() else None
-            if ids is None:
-                raise ValueError("prompt_token_ids must be (num_prompts, length)")
-            token_lists = [row[row != self.pad_value].tolist() for row in ids]
-        else:
-            token_lists = [[int(t) for t in row if int(t) != self.pad_value] for row in prompt_token_ids]
-        empty = [i for i, p in enumerate(token_lists) if not p]
-        if empty:
-            raise ValueError(f"prompts {empty[:5]} are empty after removing padding")
+        token_lists = _prompt_token_lists(prompts, prompts_path, prompt_token_ids, tokenizer, self.pad_value)
         self.prompt_ids: list[list[int]] = token_lists
         self.num_prompts = len(token_lists)
 

@@ -165,10 +165,15 @@ class PolicyApp:
             await asyncio.to_thread(ensure_policy_store, self.args.data_dir)
         path, version = resolve_checkpoint(self.args.checkpoint, self.store)
         await self.core.start(path, version)
-        if self.device.type == "cuda":  # which serving paths run on the Triton kernels, and why not
+        if str(self.device).startswith("cuda"):  # which serving paths run on the Triton kernels, and why not
             from kernels.report import format_kernel_report
 
             print(format_kernel_report(self.core.current.model, self.device), flush=True)
+        else:  # build (or load) and self-check the CPU decode kernel now, not on the first request
+            from kernels import cpu_decode
+
+            ok = await asyncio.to_thread(cpu_decode.available)
+            log.info("CPU decode kernel: %s", "on" if ok else "off (the PyTorch path decodes)")
         if self.args.follow_trainer:
             self._tasks.append(asyncio.create_task(self._follow_trainer(), name="follow-trainer"))
         if self.args.follow_store > 0:

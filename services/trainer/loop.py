@@ -571,23 +571,10 @@ class OnlineLoop:
     def update_policy(self, core: Any, data: dict[str, list[Any]], state: LoopState) -> tuple[str | None, dict[str, Any]]:
         import torch
 
-        from palm_rlhf.chat import encode_prompt
         from palm_rlhf.checkpoint import load_palm
-        from palm_rlhf.generation import SamplingParams
         from palm_rlhf.rl.feedback import split_heldout
-        from palm_rlhf.rl.losses import AdaptiveKLController, FixedKLController
         from palm_rlhf.rl.models import Actor, Critic
-        from palm_rlhf.rl.online import (
-            PolicyUpdateConfig,
-            evaluate_policy,
-            gate,
-            merged_policy_state,
-            policy_update,
-            response_text,
-            split_pairs,
-            usable_pairs,
-        )
-        from palm_rlhf.rl.rollout import rollout
+        from palm_rlhf.rl.online import split_pairs, usable_pairs
         from palm_rlhf.tokenizer import load_tokenizer
 
         s = self.settings
@@ -607,24 +594,7 @@ class OnlineLoop:
 
         train_prompts, held_prompts = split_heldout([p for p in data["prompt"] if fits(p)])
         train_prompts = train_prompts[-s.max_train_prompts :]
-        # the gate's prompts: the fixed file first (the same yardstick every round), then the
-        # most recent logged held-out prompts
-        eval_texts: list[str] = []
-        eval_ids: list[list[int]] = []
-        for text in self._eval_prompt_texts():
-            ids = encode_prompt(tok, text)
-            if len(eval_texts) < s.eval_prompts and len(ids) <= limit:
-                eval_texts.append(text)
-                eval_ids.append(ids)
-        # then the most recent training prompts, when people asked too few distinct questions
-        # to hold enough out (both policies still meet the same prompts and seeds)
-        for p in [*reversed(held_prompts), *reversed(train_prompts)]:
-            if len(eval_texts) >= s.eval_prompts:
-                break
-            if p.prompt_text in eval_texts:
-                continue
-            eval_texts.append(p.prompt_text)
-            eval_ids.append(p.prompt_token_ids)
+        eval_texts, eval_ids = self._gate_prompts(tok, limit, held_prompts, train_prompts)
         if not train_prompts:
             return None, {"message": "no logged prompts to train on yet", "outcome": "nothing to learn"}
         if not eval_ids:
@@ -647,75 +617,140 @@ class OnlineLoop:
         stops = tuple(sorted({tok.eos_id, *newline[:1]}))
         t0 = time.monotonic()
         if s.algorithm in ("dpo", "ipo", "kto"):
-            # preference optimisation straight from the logged training-side pairs: no rollouts and
-            # no reward model; the reference service's log-probs anchor the implicit KL leash
-            # (beta = KL_COEF), and the candidate meets the same gate as an RL one
-            from palm_rlhf.rl.online import PreferenceUpdateConfig, mismatched_completions, preference_update
-
-            max_len = palm.config.max_seq_len
-            train_pairs, _ = split_pairs([p for p in data["pair"] if p.chosen and p.rejected], s.heldout_fraction)
-            train_pairs = usable_pairs([
-                p for p in train_pairs
-                if len(p.prompt_token_ids) + max(len(p.chosen_token_ids), len(p.rejected_token_ids)) <= max_len
-            ])[-s.max_train_prompts :]
-            if not train_pairs:
+            metrics = self._train_on_pairs(palm, actor, optim, tok, data, state)
+            if metrics is None:
                 return None, {"message": "no preference pairs to train on yet", "outcome": "nothing to learn"}
-
-            def ref_sums(prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]]) -> list[float]:
-                return [sum(x) for x in self.clients.ref_logprobs(prompts, answers)]
-
-            pair_prompts = [p.prompt_token_ids for p in train_pairs]
-            ref_c = ref_sums(pair_prompts, [p.chosen_token_ids for p in train_pairs])
-            ref_r = ref_sums(pair_prompts, [p.rejected_token_ids for p in train_pairs])
-            extra: dict[str, Any] = {}
-            if s.algorithm == "kto":  # KTO's reference point z0, from mismatched (prompt, answer) rows
-                extra["ref_mismatched_logps"] = ref_sums(*mismatched_completions(train_pairs, max_len))
-            pcfg = PreferenceUpdateConfig(algorithm=s.algorithm, beta=s.pref_beta, epochs=s.epochs,
-                                          minibatch_size=s.minibatch_size, seed=s.seed + state.rounds)
-            stats = preference_update(actor, optim, train_pairs, ref_c, ref_r, pcfg, max_len=max_len,
-                                      pad_id=tok.pad_id, **extra)
-            metrics: dict[str, Any] = {f"train_{k}": v for k, v in stats.items()}
-            metrics["train_beta"] = s.pref_beta
-            log.info("round %d %s on %d pairs: loss %.4f -> %.4f, margin %.3f, accuracy %.3f", state.rounds + 1,
-                     s.algorithm, len(train_pairs), stats["loss_first"], stats["loss_last"], stats["reward_margin"],
-                     stats["accuracy"])
         else:
-            beta = state.kl_coef if state.kl_coef is not None else s.kl_coef
-            kl_ctl = AdaptiveKLController(beta, s.kl_target) if s.kl_target > 0 else FixedKLController(beta)
-            ucfg = PolicyUpdateConfig(algorithm=s.algorithm, epochs=s.epochs, minibatch_size=s.minibatch_size,
-                                      max_new_tokens=s.max_new_tokens, temperature=s.temperature)
-            params = SamplingParams(n=s.group_size,
-                                    max_new_tokens=s.max_new_tokens, temperature=s.temperature, stop_token_ids=stops)
-            text_of = {tuple(p.prompt_token_ids): p.prompt_text for p in train_prompts}
-            rng = random.Random(s.seed * 1_000_003 + state.rounds)
-            agg: dict[str, list[float]] = {}
-            for it in range(s.iterations):
-                batch = rng.sample(train_prompts, min(s.prompts_per_iteration, len(train_prompts)))
-                # a seed per prompt: one shared seed would give every prompt the same random stream
-                per_prompt = [replace(params, seed=rng.randrange(2**31)) for _ in batch]
-                ro = rollout(palm, [p.prompt_token_ids for p in batch], per_prompt, finetune_scope=actor.scope,
-                             value_fn=(lambda seq, mask: critic(seq)) if critic is not None else None,
-                             pad_id=tok.pad_id)
-                refs = self.clients.ref_logprobs(ro.prompts, ro.responses)
-                ro.ref_logprobs = _place(refs, ro)
-                texts = [response_text(tok, r) for r in ro.responses]
-                ro.scores = torch.tensor(self.clients.score([text_of[tuple(p)] for p in ro.prompts], texts,
-                                                            s.reward_scorer), dtype=torch.float32)
-                stats = policy_update(actor, optim, ro, ucfg, kl_ctl.value, params.n, critic=critic,
-                                      critic_optim=critic_optim, seed=s.seed + it)
-                kl_ctl.update(stats["rollout_kl"], len(ro))
-                for k, v in stats.items():
-                    agg.setdefault(k, []).append(v)
-                log.info("round %d iteration %d/%d: score %.3f kl %.3f beta %.4f", state.rounds + 1, it + 1,
-                         s.iterations, stats["score_mean"], stats["rollout_kl"], kl_ctl.value)
-            state.kl_coef = kl_ctl.value
-            metrics = {f"train_{k}": sum(v) / len(v) for k, v in agg.items()}
-            metrics["train_score_first"] = agg["score_mean"][0]
-            metrics["train_score_last"] = agg["score_mean"][-1]
-            metrics["kl_coef"] = kl_ctl.value
+            metrics = self._train_on_rollouts(palm, actor, optim, critic, critic_optim, tok, stops, train_prompts,
+                                              state)
         metrics["train_seconds"] = time.monotonic() - t0
+        return self._gate_and_publish(core, current, manifest, palm, frozen_current, tok, stops,
+                                      eval_texts, eval_ids, held_pairs, metrics, state)
 
-        # -- the gate
+    def _gate_prompts(self, tok, limit: int, held_prompts, train_prompts) -> tuple[list[str], list[list[int]]]:
+        """The gate's prompts: the fixed file first (the same yardstick every round), then the
+        most recent logged held-out prompts, then the most recent training prompts when people
+        asked too few distinct questions to hold enough out (both policies still meet the same
+        prompts and seeds)."""
+        from palm_rlhf.chat import encode_prompt
+
+        s = self.settings
+        eval_texts: list[str] = []
+        eval_ids: list[list[int]] = []
+        for text in self._eval_prompt_texts():
+            ids = encode_prompt(tok, text)
+            if len(eval_texts) < s.eval_prompts and len(ids) <= limit:
+                eval_texts.append(text)
+                eval_ids.append(ids)
+        for p in [*reversed(held_prompts), *reversed(train_prompts)]:
+            if len(eval_texts) >= s.eval_prompts:
+                break
+            if p.prompt_text in eval_texts:
+                continue
+            eval_texts.append(p.prompt_text)
+            eval_ids.append(p.prompt_token_ids)
+        return eval_texts, eval_ids
+
+    def _train_on_pairs(self, palm, actor, optim, tok, data, state: LoopState) -> dict[str, Any] | None:
+        """Preference optimisation straight from the logged training-side pairs: no rollouts and
+        no reward model; the reference service's log-probs anchor the implicit KL leash, and the
+        candidate meets the same gate as an RL one. None when there are no pairs to train on."""
+        from palm_rlhf.rl.online import (
+            PreferenceUpdateConfig,
+            mismatched_completions,
+            preference_update,
+            split_pairs,
+            usable_pairs,
+        )
+
+        s = self.settings
+        max_len = palm.config.max_seq_len
+        train_pairs, _ = split_pairs([p for p in data["pair"] if p.chosen and p.rejected], s.heldout_fraction)
+        train_pairs = usable_pairs([
+            p for p in train_pairs
+            if len(p.prompt_token_ids) + max(len(p.chosen_token_ids), len(p.rejected_token_ids)) <= max_len
+        ])[-s.max_train_prompts :]
+        if not train_pairs:
+            return None
+
+        def ref_sums(prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]]) -> list[float]:
+            return [sum(x) for x in self.clients.ref_logprobs(prompts, answers)]
+
+        pair_prompts = [p.prompt_token_ids for p in train_pairs]
+        ref_c = ref_sums(pair_prompts, [p.chosen_token_ids for p in train_pairs])
+        ref_r = ref_sums(pair_prompts, [p.rejected_token_ids for p in train_pairs])
+        extra: dict[str, Any] = {}
+        if s.algorithm == "kto":  # KTO's reference point z0, from mismatched (prompt, answer) rows
+            extra["ref_mismatched_logps"] = ref_sums(*mismatched_completions(train_pairs, max_len))
+        pcfg = PreferenceUpdateConfig(algorithm=s.algorithm, beta=s.pref_beta, epochs=s.epochs,
+                                      minibatch_size=s.minibatch_size, seed=s.seed + state.rounds)
+        stats = preference_update(actor, optim, train_pairs, ref_c, ref_r, pcfg, max_len=max_len,
+                                  pad_id=tok.pad_id, **extra)
+        metrics: dict[str, Any] = {f"train_{k}": v for k, v in stats.items()}
+        metrics["train_beta"] = s.pref_beta
+        log.info("round %d %s on %d pairs: loss %.4f -> %.4f, margin %.3f, accuracy %.3f", state.rounds + 1,
+                 s.algorithm, len(train_pairs), stats["loss_first"], stats["loss_last"], stats["reward_margin"],
+                 stats["accuracy"])
+        return metrics
+
+    def _train_on_rollouts(self, palm, actor, optim, critic, critic_optim, tok, stops, train_prompts,
+                           state: LoopState) -> dict[str, Any]:
+        """RL on fresh rollouts of the logged prompts, scored by the reward service, with the
+        KL to the reference service's log-probs."""
+        import torch
+
+        from palm_rlhf.generation import SamplingParams
+        from palm_rlhf.rl.losses import AdaptiveKLController, FixedKLController
+        from palm_rlhf.rl.online import PolicyUpdateConfig, policy_update, response_text
+        from palm_rlhf.rl.rollout import rollout
+
+        s = self.settings
+        beta = state.kl_coef if state.kl_coef is not None else s.kl_coef
+        kl_ctl = AdaptiveKLController(beta, s.kl_target) if s.kl_target > 0 else FixedKLController(beta)
+        ucfg = PolicyUpdateConfig(algorithm=s.algorithm, epochs=s.epochs, minibatch_size=s.minibatch_size,
+                                  max_new_tokens=s.max_new_tokens, temperature=s.temperature)
+        params = SamplingParams(n=s.group_size,
+                                max_new_tokens=s.max_new_tokens, temperature=s.temperature, stop_token_ids=stops)
+        text_of = {tuple(p.prompt_token_ids): p.prompt_text for p in train_prompts}
+        rng = random.Random(s.seed * 1_000_003 + state.rounds)
+        agg: dict[str, list[float]] = {}
+        for it in range(s.iterations):
+            batch = rng.sample(train_prompts, min(s.prompts_per_iteration, len(train_prompts)))
+            # a seed per prompt: one shared seed would give every prompt the same random stream
+            per_prompt = [replace(params, seed=rng.randrange(2**31)) for _ in batch]
+            ro = rollout(palm, [p.prompt_token_ids for p in batch], per_prompt, finetune_scope=actor.scope,
+                         value_fn=(lambda seq, mask: critic(seq)) if critic is not None else None,
+                         pad_id=tok.pad_id)
+            refs = self.clients.ref_logprobs(ro.prompts, ro.responses)
+            ro.ref_logprobs = _place(refs, ro)
+            texts = [response_text(tok, r) for r in ro.responses]
+            ro.scores = torch.tensor(self.clients.score([text_of[tuple(p)] for p in ro.prompts], texts,
+                                                        s.reward_scorer), dtype=torch.float32)
+            stats = policy_update(actor, optim, ro, ucfg, kl_ctl.value, params.n, critic=critic,
+                                  critic_optim=critic_optim, seed=s.seed + it)
+            kl_ctl.update(stats["rollout_kl"], len(ro))
+            for k, v in stats.items():
+                agg.setdefault(k, []).append(v)
+            log.info("round %d iteration %d/%d: score %.3f kl %.3f beta %.4f", state.rounds + 1, it + 1,
+                     s.iterations, stats["score_mean"], stats["rollout_kl"], kl_ctl.value)
+        state.kl_coef = kl_ctl.value
+        metrics: dict[str, Any] = {f"train_{k}": sum(v) / len(v) for k, v in agg.items()}
+        metrics["train_score_first"] = agg["score_mean"][0]
+        metrics["train_score_last"] = agg["score_mean"][-1]
+        metrics["kl_coef"] = kl_ctl.value
+        return metrics
+
+    def _gate_and_publish(self, core, current, manifest, palm, frozen_current, tok, stops, eval_texts, eval_ids,
+                          held_pairs, metrics: dict[str, Any],
+                          state: LoopState) -> tuple[str | None, dict[str, Any]]:
+        """Candidate and served policy answer the same prompts with the same seeds; the
+        candidate is published only if the gate passes."""
+        import torch
+
+        from palm_rlhf.generation import SamplingParams
+        from palm_rlhf.rl.online import evaluate_policy, gate, merged_policy_state
+
+        s = self.settings
         eval_params = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, stop_token_ids=stops)
         pair_refs = None
         if held_pairs:
@@ -749,7 +784,7 @@ class OnlineLoop:
                  _fmt(cur_eval.pair_agreement), decision.message)
         if not decision.passed:
             return None, {**metrics, "message": decision.message, "outcome": "rejected"}
-        weights = merged_policy_state(palm, actor.scope)
+        weights = merged_policy_state(palm, ACTOR_SCOPE)
         gate_record = {
             "passed": True, "checks": decision.checks,
             "candidate": {k: v for k, v in asdict(cand_eval).items() if k != "samples"},

@@ -286,3 +286,43 @@ def test_the_checked_entry_point_refuses_what_would_write_out_of_bounds():
     with pytest.raises(ValueError, match="one dtype"):
         cpu_decode.attn_swiglu(fused, cos, sin, k.bfloat16(), v.bfloat16(), 5, 2, 8, 0.3)
     assert not cpu_decode.supports(fused, [(k, v)], 20)
+
+
+@needs_kernel
+def test_the_self_check_covers_every_vectorised_head_dim_and_catches_a_wrong_one(monkeypatch):
+    lib = cpu_decode.library()
+    assert {32, 64, 128} <= set(cpu_decode.SELF_CHECK_HEAD_DIMS)
+    assert cpu_decode._self_check(lib)
+    real = cpu_decode._call
+
+    def wrong_at_64(lib, fused, cos, sin, k_cache, v_cache, *args):  # a broken vector path at d = 64
+        out = real(lib, fused, cos, sin, k_cache, v_cache, *args)
+        return out + 1e-2 if k_cache.shape[-1] == 64 else out
+
+    monkeypatch.setattr(cpu_decode, "_call", wrong_at_64)
+    assert not cpu_decode._self_check(lib)
+
+
+@needs_kernel
+def test_a_cache_with_several_kv_heads_is_left_to_pytorch():
+    fused, _cos, _sin, k, v = inputs(2, 2, 16, 8, 20, torch.float32)
+    assert cpu_decode.supports(fused, [(k, v)], 5)
+    k2, v2 = k.expand(2, 2, 20, 16).contiguous(), v.expand(2, 2, 20, 16).contiguous()
+    assert not cpu_decode.supports(fused, [(k2, v2)], 5)
+
+
+@needs_kernel
+def test_the_prebuilt_library_is_used_when_the_cache_directory_cannot_be_written(monkeypatch, tmp_path):
+    prebuilt = cpu_decode.build(portable=True, output=tmp_path / "cpu_decode-portable.so")
+    monkeypatch.setattr(cpu_decode, "PREBUILT", prebuilt)
+
+    def unwritable(*a, **kw):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "ro-cache"))
+
+    monkeypatch.setattr(cpu_decode, "build", unwritable)
+    cpu_decode.reset()
+    try:
+        assert cpu_decode.available()
+    finally:
+        monkeypatch.undo()
+        cpu_decode.reset()

@@ -25,7 +25,7 @@ OPTIONAL = {
     "gpu": ({"triton"}, {"triton"}),
     "postgres": ({"psycopg"}, {"psycopg", "psycopg_binary"}),
     "plots": ({"matplotlib"}, {"matplotlib", "mpl_toolkits"}),
-    "codegen": ({"grpcio-tools"}, {"grpc_tools"}),
+    "dev": ({"grpcio-tools", "ruff"}, {"grpc_tools"}),
 }
 # modules of the project that need an extra to be imported at all
 MODULES_OF_EXTRAS = {"kernels.attention": "gpu", "kernels.swiglu": "gpu"}
