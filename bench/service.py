@@ -10,7 +10,7 @@ the overhead is also measured in back-to-back pairs of the same request over the
 in-process (``--pairs``), whose median ratio is immune to the host's drift.
 
     python bench/service.py                 # prints a table and the ratios
-    python bench/service.py --checkpoint palm_rlhf/demo/assets/demo-v1
+    python bench/service.py --checkpoint palm_rlhf/demo/assets/demo-v2
 """
 
 from __future__ import annotations

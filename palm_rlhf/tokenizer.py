@@ -1,4 +1,10 @@
-"""Tokenizers: byte-level by default, a Hugging Face ``tokenizer.json`` when given."""
+"""Tokenizers: byte-level by default, a Hugging Face ``tokenizer.json`` when given.
+
+Checkpoints store their tokenizer in the manifest (``to_dict``): the byte tokenizer by its
+kind, a Hugging Face one with its whole ``tokenizer.json`` (the demo model's byte-level BPE,
+:mod:`palm_rlhf.demo.bpe`). Both decode any id sequence; a multi-byte character split over
+tokens decodes as U+FFFD until its last byte arrives, so incremental decoders re-decode the
+whole sequence and hold back a trailing U+FFFD."""
 
 from __future__ import annotations
 
@@ -99,11 +105,15 @@ def load_tokenizer(spec: str | Path | dict | None = None):
         if spec.get("kind") == "byte":
             return ByteTokenizer()
         if spec.get("kind") == "hf":
+            import os
             import tempfile
 
             with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
                 json.dump(spec["json"], f)
-            return HFTokenizer(f.name)
+            try:
+                return HFTokenizer(f.name)  # read into memory: the file is not needed afterwards
+            finally:
+                os.unlink(f.name)
         raise ValueError(f"unknown tokenizer spec kind {spec.get('kind')!r}")
     path = Path(spec)
     if path.is_dir():

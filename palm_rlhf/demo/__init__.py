@@ -1,33 +1,35 @@
 """The demo world: a template corpus, a small PaLM pretrained on it, and a terminal chat.
 
 No model hub can be reached at run time, so the package ships its own small checkpoint
-(``assets/demo-v1``), pretrained on chat exchanges written by :mod:`palm_rlhf.demo.corpus`.
+(``assets/demo-v2``), trained to answer the questions of the chat exchanges written by
+:mod:`palm_rlhf.demo.corpus`, with a byte-level BPE tokenizer learned on the same corpus, and
+a reward model trained on that checkpoint (``assets/demo-v2-reward``).
 Every service falls back to it when no other checkpoint is configured::
 
     from palm_rlhf.demo import demo_checkpoint_dir, load_demo_model
     model, tokenizer, manifest = load_demo_model()
 
 If the shipped folder is missing (a stripped install), :func:`demo_checkpoint_dir` rebuilds
-it: a few minutes of CPU training with a progress bar.
+it: about half an hour of CPU training with a progress bar.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
 
-DEMO_VERSION = "demo-v1"
+DEMO_VERSION = "demo-v2"
+DEMO_REWARD_VERSION = "demo-v2-reward"
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 # Set to "0" to turn the automatic rebuild of a missing demo checkpoint into an error.
 AUTOBUILD_ENV = "PALM_RLHF_DEMO_AUTOBUILD"
 
 
 def demo_checkpoint_dir(build_if_missing: bool | None = None) -> Path:
-    """Folder of the shipped demo checkpoint (kind ``policy``, preset ``demo``, byte tokenizer).
+    """Folder of the shipped demo checkpoint (kind ``policy``, preset ``demo``, BPE tokenizer).
 
     The folder is part of the package, so this normally only returns a path. When it is
     missing, it is rebuilt with the default recipe (the same command that produced the shipped
@@ -38,11 +40,13 @@ def demo_checkpoint_dir(build_if_missing: bool | None = None) -> Path:
     if (path / "manifest.json").is_file():
         return path
     if build_if_missing is None:
-        build_if_missing = os.environ.get(AUTOBUILD_ENV, "1") != "0"
+        from .settings import DemoAssetSettings
+
+        build_if_missing = DemoAssetSettings().demo_autobuild
     if not build_if_missing:
         raise FileNotFoundError(
             f"the demo checkpoint {path} is missing; build it with `palm-rlhf demo-build --out {path}` "
-            f"(about 6 minutes on two CPU cores)"
+            f"(about 30 minutes on two CPU cores)"
         )
     import fcntl
 
@@ -55,12 +59,19 @@ def demo_checkpoint_dir(build_if_missing: bool | None = None) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (path / "manifest.json").is_file():
             return path
-        log.warning("demo checkpoint %s is missing: building it now (a few minutes on CPU)", path)
+        log.warning("demo checkpoint %s is missing: building it now (about 30 minutes on CPU)", path)
         return build_demo_checkpoint(path)
 
 
+def demo_reward_dir() -> Path | None:
+    """Folder of the shipped demo reward model (kind ``reward``, trained on preference pairs of
+    the corpus on the demo model's trunk), or None when the install lacks it."""
+    path = ASSETS_DIR / DEMO_REWARD_VERSION
+    return path if (path / "manifest.json").is_file() else None
+
+
 def load_demo_model(device: str = "cpu", dtype: Any = None) -> tuple[Any, Any, dict[str, Any]]:
-    """(PaLM in eval mode, ByteTokenizer, manifest) of the demo checkpoint.
+    """(PaLM in eval mode, tokenizer, manifest) of the demo checkpoint.
 
     The shipped weights are stored in bfloat16 to keep the package small; they are upcast to
     float32 here by default (``dtype``), which is what CPU inference wants."""
@@ -84,4 +95,12 @@ def demo_prompts() -> list[str]:
     return held_out_prompts(0, 300)
 
 
-__all__ = ["ASSETS_DIR", "DEMO_VERSION", "demo_checkpoint_dir", "demo_prompts", "load_demo_model"]
+__all__ = [
+    "ASSETS_DIR",
+    "DEMO_REWARD_VERSION",
+    "DEMO_VERSION",
+    "demo_checkpoint_dir",
+    "demo_prompts",
+    "demo_reward_dir",
+    "load_demo_model",
+]

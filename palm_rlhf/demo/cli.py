@@ -11,6 +11,14 @@ DEFAULT_HISTORY_TURNS = 3  # earlier exchanges kept in the prompt; older ones ar
 
 
 def register(subparsers: Any) -> None:
+    _register_chat(subparsers)
+    _register_build(subparsers)
+    _register_eval(subparsers)
+    _register_users(subparsers)
+
+
+def _register_chat(subparsers: Any) -> None:
+    """``palm-rlhf chat``."""
     chat = subparsers.add_parser(
         "chat",
         help="chat with the demo model (or any checkpoint) in the terminal",
@@ -62,6 +70,9 @@ def register(subparsers: Any) -> None:
     )
     chat.set_defaults(func=run_chat)
 
+
+def _register_build(subparsers: Any) -> None:
+    """``palm-rlhf demo-build``."""
     build = subparsers.add_parser(
         "demo-build",
         help="pretrain the demo model on the template corpus and save it as a checkpoint",
@@ -96,6 +107,30 @@ def register(subparsers: Any) -> None:
         help=f"dtype of the stored weights (default {d.save_dtype})",
     )
     build.add_argument(
+        "--batch-size", type=int, default=d.batch_size, help=f"windows per step (default {d.batch_size})"
+    )
+    build.add_argument(
+        "--seq-len", type=int, default=d.seq_len, help=f"tokens per window (default {d.seq_len})"
+    )
+    build.add_argument(
+        "--warmup-steps", type=int, default=d.warmup_steps, help=f"warm-up steps (default {d.warmup_steps})"
+    )
+    build.add_argument(
+        "--tokenizer",
+        default=d.tokenizer,
+        choices=("byte", "bpe"),
+        help=f"byte tokens, or a byte-level BPE trained on the corpus (default {d.tokenizer})",
+    )
+    build.add_argument(
+        "--vocab-size", type=int, default=d.vocab_size, help=f"BPE vocabulary size (default {d.vocab_size})"
+    )
+    build.add_argument(
+        "--loss-on",
+        default=d.loss_on,
+        choices=("all", "answers"),
+        help=f"train on every token or on the answers only (default {d.loss_on})",
+    )
+    build.add_argument(
         "--init-from",
         metavar="CHECKPOINT",
         help="continue training this checkpoint folder (same preset) instead of a fresh model",
@@ -104,6 +139,49 @@ def register(subparsers: Any) -> None:
     build.add_argument("--no-progress", action="store_true", help="no progress bar")
     build.set_defaults(func=run_demo_build)
 
+
+def _register_eval(subparsers: Any) -> None:
+    """``palm-rlhf demo-reward-build`` and ``palm-rlhf demo-eval``."""
+    rbuild = subparsers.add_parser(
+        "demo-reward-build",
+        help="train the demo reward model on preference pairs of the demo corpus",
+        description=(
+            "Train a reward model (five rating bins) on the demo policy's trunk with preference pairs "
+            "the corpus makes: each answer over an off-topic, misspelled, truncated or repeated one. "
+            "The defaults are the recipe of the shipped reward model."
+        ),
+    )
+    rbuild.add_argument("--out", required=True, help="checkpoint folder to create")
+    rbuild.add_argument("--policy", help="policy checkpoint whose trunk to train (default: the demo model)")
+    rbuild.add_argument("--steps", type=int, default=500, help="optimizer steps (default 500)")
+    rbuild.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    rbuild.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    rbuild.add_argument("--force", action="store_true", help="replace an existing checkpoint folder at --out")
+    rbuild.add_argument("--no-progress", action="store_true", help="no progress bar")
+    rbuild.set_defaults(func=run_demo_reward_build)
+
+    ev = subparsers.add_parser(
+        "demo-eval",
+        help="how often the demo model's answers follow the question, alone and best of n",
+        description=(
+            "Sample answers to held-out questions as the chat page does (temperature 0.8) and print "
+            "the share on the question's topic, in corpus words, ended by the model, and broken, for "
+            "one sample and for the best of n ranked by the reward model. Runs in-process."
+        ),
+    )
+    ev.add_argument("--checkpoint", help="policy checkpoint folder (default: the demo model)")
+    ev.add_argument("--reward", help="reward checkpoint folder (default: the shipped demo reward model)")
+    ev.add_argument("--questions", type=int, default=200, help="held-out questions (default 200)")
+    ev.add_argument("--best-of", type=int, default=4, help="candidates ranked by the reward model (default 4)")
+    ev.add_argument("--seed", type=int, default=0, help="question and sampling seed (default 0)")
+    ev.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8, the page's)")
+    ev.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    ev.add_argument("--json", action="store_true", help="print the figures as JSON")
+    ev.set_defaults(func=run_demo_eval)
+
+
+def _register_users(subparsers: Any) -> None:
+    """``palm-rlhf demo-users``."""
     users = subparsers.add_parser(
         "demo-users",
         help="simulated people with a hidden taste chat with a running system and rate its answers",
@@ -332,10 +410,18 @@ def run_demo_build(args: argparse.Namespace) -> int:
         num_threads=args.threads,
         save_dtype=args.save_dtype,
         init_from=args.init_from,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        warmup_steps=args.warmup_steps,
+        tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size,
+        loss_on=args.loss_on,
     )
     command = (
         f"palm-rlhf demo-build --out {shlex.quote(str(args.out))} --steps {args.steps} --seed {args.seed} "
-        f"--corpus-size {args.corpus_size} --lr {args.lr} --threads {args.threads} --save-dtype {args.save_dtype}"
+        f"--corpus-size {args.corpus_size} --lr {args.lr} --threads {args.threads} --save-dtype {args.save_dtype} "
+        f"--batch-size {args.batch_size} --seq-len {args.seq_len} --warmup-steps {args.warmup_steps} "
+        f"--tokenizer {args.tokenizer} --vocab-size {args.vocab_size} --loss-on {args.loss_on}"
     )
     if args.init_from:
         command += f" --init-from {shlex.quote(str(args.init_from))}"
@@ -347,4 +433,62 @@ def run_demo_build(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(out)
+    return 0
+
+
+# --- demo-reward-build and demo-eval -----------------------------------------------------
+
+
+def run_demo_reward_build(args: argparse.Namespace) -> int:
+    import shlex
+
+    from palm_rlhf.checkpoint import CheckpointError
+    from palm_rlhf.demo import demo_checkpoint_dir
+    from palm_rlhf.demo.reward_train import RewardTrainConfig, build_reward_checkpoint
+
+    policy = args.policy or str(demo_checkpoint_dir())
+    cfg = RewardTrainConfig(seed=args.seed, steps=args.steps, num_threads=args.threads)
+    command = (
+        f"palm-rlhf demo-reward-build --out {shlex.quote(str(args.out))} --policy {shlex.quote(str(policy))} "
+        f"--steps {args.steps} --seed {args.seed} --threads {args.threads}"
+    )
+    try:
+        out = build_reward_checkpoint(
+            args.out, policy, cfg, force=args.force, progress=not args.no_progress, command=command
+        )
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+def run_demo_eval(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from palm_rlhf.checkpoint import load_palm
+    from palm_rlhf.demo import demo_checkpoint_dir, demo_reward_dir
+    from palm_rlhf.demo.evaluate import demo_eval
+    from palm_rlhf.demo.reward_train import load_reward_checkpoint
+    from palm_rlhf.tokenizer import load_tokenizer
+
+    torch.set_num_threads(max(1, args.threads))
+    model, manifest = load_palm(args.checkpoint or demo_checkpoint_dir(), dtype=torch.float32)
+    tok = load_tokenizer(manifest.get("tokenizer"))
+    reward_path = args.reward or demo_reward_dir()
+    reward = load_reward_checkpoint(reward_path)[0] if reward_path else None
+    result = demo_eval(model.eval(), tok, reward, count=args.questions, seed=args.seed, best_of=args.best_of,
+                       temperature=args.temperature)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{result['questions']} held-out questions at temperature {result['temperature']}; topic classifier "
+          f"accuracy on corpus answers {result['classifier_accuracy']:.1%}")
+    print(f"{'':12} {'topic match':>12} {'corpus words':>13} {'ended':>7} {'broken':>7}")
+    for key in [k for k in result if k == "n1" or k.startswith("best_of_")]:
+        f = result[key]
+        label = "n=1" if key == "n1" else key.replace("best_of_", "best of ")
+        print(f"{label:12} {f['topic_match']:>12.1%} {f['corpus_words']:>13.1%} {f['ended']:>7.1%} {f['broken']:>7.1%}")
     return 0

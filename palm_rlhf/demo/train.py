@@ -34,7 +34,10 @@ log = logging.getLogger(__name__)
 __all__ = [
     "DemoTrainConfig",
     "build_demo_checkpoint",
+    "demo_tokenizer",
+    "encode_masked",
     "encode_stream",
+    "heldout_data",
     "lr_at",
     "stream_loss",
     "train_demo_model",
@@ -51,6 +54,29 @@ def encode_stream(texts: Sequence[str], tokenizer) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def encode_masked(texts: Sequence[Any], tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exchanges (:class:`palm_rlhf.demo.corpus.Exchange`) as one id stream and a loss mask.
+
+    ``mask[i]`` is True where token ``i`` is part of an answer (its words, or the EOS after
+    the last one): the tokens an answers-only loss predicts. Each turn is encoded in pieces (``User: question\nAssistant:``, `` answer``),
+    which is the same as encoding the whole text: every piece boundary is a pre-token
+    boundary of the byte-level BPE and of the byte tokenizer."""
+    ids: list[int] = []
+    mask: list[bool] = []
+
+    def add(piece: list[int], trained: bool) -> None:
+        ids.extend(piece)
+        mask.extend([trained] * len(piece))
+
+    for ex in texts:
+        add([tokenizer.bos_id], False)
+        for i, turn in enumerate(ex.turns):
+            add(tokenizer.encode(f"{'' if i == 0 else chr(10)}User: {turn.question}\nAssistant:"), False)
+            add(tokenizer.encode(f" {turn.answer}"), True)
+        add([tokenizer.eos_id], True)
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.bool)
+
+
 def lr_at(step: int, cfg: DemoTrainConfig) -> float:
     """Linear warm-up to ``lr``, then cosine decay to ``lr * min_lr_ratio`` at the last step."""
     if step < cfg.warmup_steps:
@@ -61,22 +87,30 @@ def lr_at(step: int, cfg: DemoTrainConfig) -> float:
 
 
 @torch.no_grad()
-def stream_loss(model, stream: torch.Tensor, seq_len: int = 256, batch_size: int = 16) -> float:
-    """Mean next-token cross entropy (nats per token) over consecutive windows of a stream."""
+def stream_loss(
+    model, stream: torch.Tensor, seq_len: int = 256, batch_size: int = 16, mask: torch.Tensor | None = None
+) -> float:
+    """Mean next-token cross entropy (nats per token) over consecutive windows of a stream;
+    with ``mask`` (as made by :func:`encode_masked`), over the masked tokens only."""
     was_training = model.training
     model.eval()
     n = (len(stream) - 1) // seq_len
     if n < 1:
         raise ValueError(f"stream of {len(stream)} tokens is shorter than one window of {seq_len + 1}")
     windows = torch.stack([stream[i * seq_len : i * seq_len + seq_len + 1] for i in range(n)])
+    if mask is None:
+        mask = torch.ones_like(stream, dtype=torch.bool)
+    masks = torch.stack([mask[i * seq_len + 1 : i * seq_len + seq_len + 1] for i in range(n)])
     total, count = 0.0, 0
     for i in range(0, n, batch_size):
         batch = windows[i : i + batch_size].to(model.device)
+        keep = masks[i : i + batch_size].to(model.device).reshape(-1)
         logits = model(batch[:, :-1]).float()
-        total += torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-        ).item()
-        count += batch[:, 1:].numel()
+        ce = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none"
+        )
+        total += ce[keep].sum().item()
+        count += int(keep.sum())
     model.train(was_training)
     return total / count
 
@@ -90,27 +124,49 @@ def _param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def train_demo_model(cfg: DemoTrainConfig, progress: bool = True) -> tuple[Any, dict[str, Any], torch.Tensor]:
+def demo_tokenizer(cfg: DemoTrainConfig, texts: Sequence[str]):
+    """The tokenizer of a build: the byte tokenizer, the one of ``cfg.init_from`` when
+    continuing, or a BPE trained on ``texts``."""
+    from palm_rlhf.tokenizer import ByteTokenizer
+
+    if cfg.tokenizer not in ("byte", "bpe"):
+        raise ValueError(f"tokenizer must be 'byte' or 'bpe', got {cfg.tokenizer!r}")
+    if cfg.init_from:
+        from palm_rlhf.checkpoint import read_manifest
+        from palm_rlhf.tokenizer import load_tokenizer
+
+        spec = read_manifest(cfg.init_from).get("tokenizer")
+        if (spec or {}).get("kind", "byte") != ("byte" if cfg.tokenizer == "byte" else "hf"):
+            raise ValueError(f"{cfg.init_from} does not use a {cfg.tokenizer} tokenizer; cannot continue from it")
+        return load_tokenizer(spec)
+    if cfg.tokenizer == "byte":
+        return ByteTokenizer()
+    from palm_rlhf.demo.bpe import train_bpe
+
+    return train_bpe(texts, cfg.vocab_size)
+
+
+def train_demo_model(cfg: DemoTrainConfig, progress: bool = True) -> tuple[Any, dict[str, Any], Any]:
     """Pretrain a fresh PaLM on the demo corpus; returns (model in eval mode, figures, the
-    held-out token stream the figures were measured on)."""
+    tokenizer). The figures' held-out loss is measured on :func:`heldout_data`."""
     from tqdm.auto import tqdm
 
     from palm_rlhf.config import PaLMConfig
     from palm_rlhf.demo.corpus import generate_exchanges
     from palm_rlhf.model import PaLM
-    from palm_rlhf.tokenizer import ByteTokenizer
 
+    if cfg.loss_on not in ("all", "answers"):
+        raise ValueError(f"loss_on must be 'all' or 'answers', got {cfg.loss_on!r}")
     previous_threads = torch.get_num_threads()
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
     try:
         torch.manual_seed(cfg.seed)
-        tok = ByteTokenizer()
         t0 = time.perf_counter()
-        train_stream = encode_stream([e.text() for e in generate_exchanges(cfg.seed, cfg.corpus_size)], tok)
-        eval_stream = encode_stream(
-            [e.text() for e in generate_exchanges(cfg.seed, cfg.eval_exchanges, held_out=True)], tok
-        )
+        exchanges = generate_exchanges(cfg.seed, cfg.corpus_size)
+        tok = demo_tokenizer(cfg, [e.text() for e in exchanges])
+        train_stream, train_mask = encode_masked(exchanges, tok)
+        eval_stream, eval_mask = heldout_data(cfg, tok)
         log.info(
             "corpus: %d exchanges, %d tokens (%.1fs)",
             cfg.corpus_size,
@@ -118,20 +174,27 @@ def train_demo_model(cfg: DemoTrainConfig, progress: bool = True) -> tuple[Any, 
             time.perf_counter() - t0,
         )
 
+        model_config = PaLMConfig.from_name(cfg.preset, num_tokens=tok.vocab_size)
         if cfg.init_from:
             from palm_rlhf.checkpoint import load_palm
 
             model, init_manifest = load_palm(cfg.init_from, dtype=torch.float32)
-            if init_manifest["config"] != PaLMConfig.from_name(cfg.preset).to_dict():
+            if init_manifest["config"] != model_config.to_dict():
                 raise ValueError(f"{cfg.init_from} is not a {cfg.preset!r} model; cannot continue from it")
             model.train()
             log.info("continuing from %s", cfg.init_from)
         else:
-            model = PaLM(PaLMConfig.from_name(cfg.preset)).train()
+            model = PaLM(model_config).train()
         opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
         gen = torch.Generator().manual_seed(cfg.seed)
-        high = len(train_stream) - cfg.seq_len - 1
         offsets_all = torch.arange(cfg.seq_len + 1)
+        if cfg.loss_on == "answers":
+            # windows start where an exchange starts, so every answer sees its question
+            starts_all = torch.nonzero(train_stream == tok.bos_id).squeeze(1)
+            starts_all = starts_all[starts_all < len(train_stream) - cfg.seq_len - 1]
+        else:
+            starts_all = None
+            high = len(train_stream) - cfg.seq_len - 1
 
         losses: list[float] = []
         t0, cpu0 = time.perf_counter(), time.process_time()
@@ -141,9 +204,19 @@ def train_demo_model(cfg: DemoTrainConfig, progress: bool = True) -> tuple[Any, 
         for step in bar:
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg)
-            starts = torch.randint(0, high, (cfg.batch_size,), generator=gen)
-            batch = train_stream[starts[:, None] + offsets_all[None]]  # (batch, seq_len + 1)
-            loss = model(batch, return_loss=True)
+            if starts_all is None:
+                starts = torch.randint(0, high, (cfg.batch_size,), generator=gen)
+                batch = train_stream[starts[:, None] + offsets_all[None]]  # (batch, seq_len + 1)
+                loss = model(batch, return_loss=True)
+            else:
+                pick = torch.randint(0, len(starts_all), (cfg.batch_size,), generator=gen)
+                index = starts_all[pick][:, None] + offsets_all[None]
+                batch, keep = train_stream[index], train_mask[index][:, 1:]  # (batch, seq_len + 1)
+                logits = model(batch[:, :-1])
+                ce = torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none"
+                )
+                loss = (ce * keep.reshape(-1)).sum() / keep.sum().clamp(min=1)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
@@ -163,15 +236,25 @@ def train_demo_model(cfg: DemoTrainConfig, progress: bool = True) -> tuple[Any, 
             "tokens_seen": cfg.steps * cfg.batch_size * cfg.seq_len,
             "tokens_per_second": round(cfg.steps * cfg.batch_size * cfg.seq_len / max(train_seconds, 1e-9)),
             "final_train_loss": round(sum(tail) / len(tail), 4),
-            "heldout_loss_float32": round(stream_loss(model, eval_stream), 4),
+            "heldout_loss_float32": round(
+                stream_loss(model, eval_stream, mask=eval_mask if cfg.loss_on == "answers" else None), 4
+            ),
             "corpus_tokens": len(train_stream),
             "loss_curve": [
                 round(sum(losses[i : i + 25]) / len(losses[i : i + 25]), 3) for i in range(0, len(losses), 25)
             ],
         }
-        return model, figures, eval_stream
+        return model, figures, tok
     finally:
         torch.set_num_threads(previous_threads)
+
+
+def heldout_data(cfg: DemoTrainConfig, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(stream, answer mask) of the ``cfg.eval_exchanges`` held-out exchanges that the build's
+    held-out loss is measured on (over every token, or the answers only, as ``cfg.loss_on``)."""
+    from palm_rlhf.demo.corpus import generate_exchanges
+
+    return encode_masked(generate_exchanges(cfg.seed, cfg.eval_exchanges, held_out=True), tokenizer)
 
 
 def _stored_state(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -188,7 +271,6 @@ def build_demo_checkpoint(
 ) -> Path:
     """Train the demo model and save it as a checkpoint folder at ``out``; returns ``out``."""
     from palm_rlhf.checkpoint import CheckpointError, save_checkpoint
-    from palm_rlhf.tokenizer import ByteTokenizer
 
     cfg = cfg or DemoTrainConfig()
     out = Path(out)
@@ -206,14 +288,20 @@ def build_demo_checkpoint(
         cfg.steps,
         cfg.preset,
     )
-    model, figures, eval_stream = train_demo_model(cfg, progress=progress)
+    model, figures, tok = train_demo_model(cfg, progress=progress)
+    eval_stream, eval_mask = heldout_data(cfg, tok)
     state = _stored_state(model, save_dtype)
     # the held-out loss of the weights as stored (rounded to save_dtype), computed in float32
     rounded = model.clone()
     rounded.load_state_dict({k: v.float() for k, v in state.items()})
-    figures["heldout_loss_stored"] = round(stream_loss(rounded, eval_stream), 4)
+    figures["heldout_loss_stored"] = round(
+        stream_loss(rounded, eval_stream, mask=eval_mask if cfg.loss_on == "answers" else None), 4
+    )
     if command is None:
-        command = f"palm-rlhf demo-build --out {shlex.quote(str(out))} --steps {cfg.steps} --seed {cfg.seed}"
+        command = (
+            f"palm-rlhf demo-build --out {shlex.quote(str(out))} --steps {cfg.steps} --seed {cfg.seed} "
+            f"--tokenizer {cfg.tokenizer} --vocab-size {cfg.vocab_size} --loss-on {cfg.loss_on}"
+        )
     parent = None
     if cfg.init_from:
         from palm_rlhf.checkpoint import read_manifest
@@ -247,7 +335,7 @@ def build_demo_checkpoint(
         version=out.name,
         parent=parent,
         kind="policy",
-        tokenizer=ByteTokenizer().to_dict(),
+        tokenizer=tok.to_dict(),
         metadata=metadata,
     )
     if target != out:

@@ -1,8 +1,9 @@
 """Finding and loading the checkpoints a service serves.
 
 Checkpoints live in ``DATA_DIR/checkpoints/<kind>/vNNNN`` (palm_rlhf.checkpoint.CheckpointStore).
-A fresh data directory is seeded from the shipped demo model, so every served model has a
-store version and every response can name it.
+A fresh data directory is seeded from the shipped demo model (and the reward store from the
+demo reward model trained on it), so every served model has a store version and every
+response can name it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,29 @@ def default_start_checkpoint() -> Path:
     from palm_rlhf.demo import demo_checkpoint_dir
 
     return demo_checkpoint_dir()
+
+
+def shipped_reward_for(policy: str | Path) -> Path | None:
+    """The shipped demo reward checkpoint when ``policy`` is the demo model it was trained on
+    (the shipped folder itself or its copy in a store), else None.
+
+    A reward model only ranks a policy's answers well with the trunk and tokenizer it was
+    trained with, so any other starting policy gets a fresh head instead."""
+    from palm_rlhf.checkpoint import read_manifest
+    from palm_rlhf.demo import demo_reward_dir
+
+    shipped = demo_reward_dir()
+    if shipped is None:
+        return None
+    try:
+        pm, rm = read_manifest(policy), read_manifest(shipped)
+    except CheckpointError:
+        return None
+    trained_on = rm.get("metadata", {}).get("policy")
+    names = {pm.get("version"), pm.get("metadata", {}).get("source")}
+    if trained_on in names and pm.get("config") == rm.get("config") and pm.get("tokenizer") == rm.get("tokenizer"):
+        return shipped
+    return None
 
 
 def ensure_policy_store(data_dir: str | Path, start: str | Path | None = None) -> str:

@@ -3,7 +3,8 @@
 Scorers:
 
 * ``learned`` - a palm_rlhf RewardModel from ``CheckpointStore(DATA_DIR/checkpoints, "reward")``.
-  A fresh store is initialised from the policy's starting trunk with a 5-bin head and saved as
+  A fresh store is seeded with the shipped demo reward model when the policy started from the
+  demo model, otherwise with the policy's starting trunk and a fresh 5-bin head, and saved as
   the first version, so the service always serves (and reports) a store version.
 * ``sentiment`` - the VADER compound score of the response in [-1, 1]: rule-based, needs no
   weights, and stands in for a user who likes cheerful answers.
@@ -26,7 +27,7 @@ from palm_rlhf.rl.online import encode_for_reward, reward_batch  # noqa: F401 - 
 from palm_rlhf.tokenizer import load_tokenizer
 from services.common.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from services.common.metrics import ServiceMetrics
-from services.common.models import LoadedPalm, model_dtype, version_path
+from services.common.models import LoadedPalm, model_dtype, shipped_reward_for, version_path
 
 log = logging.getLogger(__name__)
 
@@ -42,22 +43,32 @@ class LoadedReward(LoadedPalm):
 
 
 def init_reward_store(st: CheckpointStore, start: Path, device: str = "cpu") -> str:
-    """Create the first reward version from a policy checkpoint's trunk; returns its name."""
+    """Create the first reward version for the policy checkpoint ``start``; returns its name.
+
+    The shipped demo reward model when ``start`` is the demo policy it was trained on (so
+    best-of-n ranks from the first request), otherwise ``start``'s trunk with a fresh head."""
     from palm_rlhf.reward import RewardModel
 
-    palm, manifest = load_palm(start, dtype=torch.float32)
-    torch.manual_seed(0)  # the same trunk always gives the same initial head
-    model = RewardModel(palm, num_binned_output=DEFAULT_BINS, copy_palm=False)
+    shipped = shipped_reward_for(start)
+    if shipped is not None:
+        model, manifest = RewardModel.from_checkpoint(shipped)
+        metadata = {**manifest.get("metadata", {}), "source": str(manifest.get("version") or shipped.name),
+                    "seeded_from": str(shipped)}
+    else:
+        palm, manifest = load_palm(start, dtype=torch.float32)
+        torch.manual_seed(0)  # the same trunk always gives the same initial head
+        model = RewardModel(palm, num_binned_output=DEFAULT_BINS, copy_palm=False)
+        metadata = {}
     version = st.next_version()
     try:
-        model.save(st.root / version, version=version, tokenizer=manifest.get("tokenizer"))
+        model.save(st.root / version, version=version, tokenizer=manifest.get("tokenizer"), metadata=metadata)
     except CheckpointError:
         current = st.current()  # another process won the race
         if current is None:
             raise
         return current
     st.set_current(version)
-    log.info("initialised reward store %s from %s as %s", st.root, start, version)
+    log.info("initialised reward store %s from %s as %s", st.root, shipped or start, version)
     return version
 
 

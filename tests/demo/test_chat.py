@@ -133,6 +133,8 @@ def test_build_writes_a_verified_checkpoint_with_its_recipe(tmp_path):
         warmup_steps=3,
         eval_exchanges=20,
         num_threads=1,
+        tokenizer="byte",
+        loss_on="all",
     )
     out = build_demo_checkpoint(tmp_path / "demo-test", cfg, progress=False)
     manifest = verify_checkpoint(out)
@@ -209,3 +211,33 @@ def test_clean_response_cuts_at_the_first_newline_or_stop_string():
     assert clean_response(" I am fine.\nUser: and you?") == "I am fine."
     assert clean_response(" I am fine. Bye", ["Bye", "fine"]) == "I am"
     assert clean_response(" tab\tand\x07bell ") == "tab\tandbell"
+
+
+def test_bpe_build_stores_its_tokenizer_and_trains_on_answers(tmp_path):
+    from palm_rlhf.demo import corpus as C
+    from palm_rlhf.demo.train import DemoTrainConfig, build_demo_checkpoint, encode_masked
+    from palm_rlhf.tokenizer import HFTokenizer, load_tokenizer
+
+    cfg = DemoTrainConfig(
+        preset="tiny", steps=60, corpus_size=300, batch_size=8, seq_len=64, lr=1e-2, warmup_steps=3,
+        eval_exchanges=20, num_threads=1, tokenizer="bpe", vocab_size=512, loss_on="answers",
+    )
+    out = build_demo_checkpoint(tmp_path / "demo-bpe", cfg, progress=False)
+    manifest = verify_checkpoint(out)
+    assert manifest["tokenizer"]["kind"] == "hf" and manifest["tokenizer"]["vocab_size"] == 512
+    assert manifest["config"]["num_tokens"] == 512
+    tok = load_tokenizer(manifest["tokenizer"])
+    assert isinstance(tok, HFTokenizer) and (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
+    text = "User: Hey, have you ever been to Lisbon?\nAssistant: My trip to Lisbon was wonderful."
+    assert tok.decode(tok.encode(text)) == text
+    assert len(tok.encode(text)) < len(text.encode()) / 2  # merges learned on the corpus
+    # the loss mask covers exactly the answers (with the final EOS), never the questions
+    ex = C.generate_exchanges(3, 5)
+    ids, mask = encode_masked(ex, tok)
+    assert ids.tolist() == [i for e in ex for i in C.encode_exchange(tok, e.text())]
+    answers = tok.decode([i for i, m in zip(ids.tolist(), mask.tolist()) if m and i != tok.eos_id])
+    assert answers == "".join(f" {t.answer}" for e in ex for t in e.turns)
+    assert int(mask.sum()) == len(tok.encode(answers)) + len(ex)
+    figures = manifest["metadata"]["figures"]
+    assert figures["loss_curve"][0] > figures["final_train_loss"]
+    assert "--tokenizer bpe --vocab-size 512 --loss-on answers" in manifest["metadata"]["build_command"]

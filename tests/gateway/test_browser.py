@@ -101,3 +101,55 @@ def test_chat_and_feedback_from_the_web_page(stack):
                 expect(answer.locator(".cut")).to_be_hidden()
         finally:
             browser.close()
+
+
+@pytest.mark.browser
+def test_one_answer_streams_and_the_page_needs_no_emoji_font(stack):
+    chromium = _chromium_or_skip()
+    import urllib.request
+
+    from playwright.sync_api import expect, sync_playwright
+
+    with urllib.request.urlopen(stack.url + "/favicon.ico", timeout=10) as resp:
+        assert resp.status == 200 and resp.headers["Content-Type"].startswith("image/svg+xml")
+        assert resp.read().lstrip().startswith(b"<svg")
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=str(chromium),
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
+        try:
+            page = browser.new_page()
+            problems: list[str] = []  # CSP violations and script errors show up here
+            page.on("console", lambda m: m.type == "error" and problems.append(m.text))
+            page.on("pageerror", lambda e: problems.append(str(e)))
+            requests: list[dict] = []
+            page.on("request", lambda r: r.url.endswith("/v1/chat/completions") and requests.append(r.post_data_json))
+            page.goto(stack.url + "/")
+            expect(page.locator("#reward-hint")).to_contain_text("Reward")
+            page.click("#settings summary")
+            page.fill("#api-key", E2E_KEY)
+            page.dispatch_event("#api-key", "change")
+            page.fill("#best-of", "1")
+            page.fill("#max-tokens", "12")
+            page.fill("#prompt", "How is your garden?")
+            page.click("#send")
+            answer = page.locator("article.assistant").first
+            expect(answer.locator(".meta")).to_contain_text("best of 1", timeout=30_000)
+            assert requests and requests[0]["stream"] is True and requests[0]["best_of"] == 1
+            cid = answer.get_attribute("data-completion-id")
+            assert cid and cid.startswith("chatcmpl-")
+            with open_store(f"sqlite:///{stack.db_path}") as store:
+                rec = store.get_completion(cid)  # stored before the stream ends
+            assert answer.locator(".text").text_content() == (rec.candidates[0].text or "(empty answer)")
+            answer.locator(".thumb.down").click()
+            expect(answer.locator(".ack")).to_have_text("thanks!")
+            # icons are inline SVG, not emoji characters a font may lack
+            html = page.content()
+            assert not any(0x1F300 <= ord(ch) <= 0x1FAFF for ch in html)
+            expect(answer.locator(".thumb.up svg")).to_have_count(1)
+            assert page.evaluate("document.querySelector('link[rel=icon]').href").endswith("/favicon.ico")
+            assert not problems, problems
+        finally:
+            browser.close()

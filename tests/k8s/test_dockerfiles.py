@@ -197,7 +197,7 @@ def test_build_context_keeps_what_pip_install_needs_and_drops_the_rest():
     for needed in ("pyproject.toml", "palm_rlhf/model.py", "services/__init__.py", "protos/palm_rlhf"):
         assert not ignored(needed, patterns), f"{needed} is excluded from the build context"
     # The shipped demo checkpoint must reach the image (no download at start).
-    assert not ignored("palm_rlhf/demo/assets/demo-v1/manifest.json", patterns)
+    assert not ignored("palm_rlhf/demo/assets/demo-v2/manifest.json", patterns)
     assert ignored("palm_rlhf/__pycache__/model.cpython-311.pyc", patterns)
 
 

@@ -61,13 +61,25 @@ async function sendFeedback(body, ack) {
   }
 }
 
+// the thumbs icons of the page's template (inline SVG: no emoji font needed)
+function thumbIcon(direction) {
+  return $(`#answer-template`).content.querySelector(`.thumb.${direction} svg`).cloneNode(true);
+}
+
 function markChosen(buttons, chosen) {
   buttons.forEach((b) => b.classList.toggle("chosen", b === chosen));
 }
 
-function renderAnswer(completion) {
-  const choice = completion.choices[0];
+// a new, empty answer card at the end of the conversation
+function answerNode() {
   const node = $("#answer-template").content.firstElementChild.cloneNode(true);
+  $("#conversation").appendChild(node);
+  return node;
+}
+
+function renderAnswer(completion, node = answerNode()) {
+  const choice = completion.choices[0];
+  node.classList.remove("streaming");
   node.dataset.completionId = completion.id;
   $(".text", node).textContent = choice.message.content || "(empty answer)";
   // an answer that ran into its token limit may stop mid-word: say so
@@ -89,8 +101,62 @@ function renderAnswer(completion) {
     if (ok) markChosen(stars, b);
   }));
   $(".show-candidates", node).addEventListener("click", () => toggleCandidates(node, completion.id));
-  $("#conversation").appendChild(node);
   node.scrollIntoView({ block: "end" });
+}
+
+// One answer (best of 1) streamed token by token: server-sent chat.completion.chunk events
+// fill the card as they come; the last chunk brings the finish reason and the reward.
+async function streamAnswer(body) {
+  const resp = await fetch("/v1/chat/completions", {
+    method: "POST", headers: headers(), body: JSON.stringify({ ...body, stream: true }),
+  });
+  if (!resp.ok) {
+    const data = await resp.json().catch(() => ({}));
+    throw new Error((data.error && data.error.message) || `HTTP ${resp.status}`);
+  }
+  const node = answerNode();
+  node.classList.add("streaming");
+  const textEl = $(".text", node);
+  const completion = { id: "", best_of: 1, choices: [{ message: { content: "" }, finish_reason: null, reward: null }] };
+  const choice = completion.choices[0];
+  const reader = resp.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  try {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, { stream: true });
+      let cut;
+      while ((cut = buffer.indexOf("\n\n")) >= 0) {
+        const frame = buffer.slice(0, cut);
+        buffer = buffer.slice(cut + 2);
+        const data = frame.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trim()).join("");
+        if (!data || data === "[DONE]") continue;
+        const event = JSON.parse(data);
+        if (event.error) throw new Error(event.error.message || "the stream failed");
+        completion.id = event.id || completion.id;
+        for (const key of ["policy_version", "reward_version", "palm_rlhf"]) {
+          if (event[key] !== undefined) completion[key] = event[key];
+        }
+        for (const c of event.choices || []) {
+          if (c.delta && c.delta.content) {
+            choice.message.content += c.delta.content;
+            textEl.textContent = choice.message.content;
+            node.scrollIntoView({ block: "end" });
+          }
+          if (c.finish_reason) choice.finish_reason = c.finish_reason;
+          if (c.reward !== undefined && c.reward !== null) choice.reward = c.reward;
+        }
+      }
+    }
+  } catch (e) {
+    node.remove();
+    throw e;
+  }
+  choice.message.content = choice.message.content.trim();
+  renderAnswer(completion, node);
+  return completion;
 }
 
 async function toggleCandidates(node, completionId) {
@@ -118,9 +184,11 @@ async function toggleCandidates(node, completionId) {
     score.className = "score";
     score.textContent = `reward ${fmt(c.reward)}${c.shown ? " · shown" : ""}`;
     const up = document.createElement("button");
-    up.type = "button"; up.textContent = "👍"; up.className = "cand-up";
+    up.type = "button"; up.className = "cand-up"; up.title = "Good answer";
+    up.setAttribute("aria-label", "thumbs up"); up.append(thumbIcon("up"));
     const down = document.createElement("button");
-    down.type = "button"; down.textContent = "👎"; down.className = "cand-down";
+    down.type = "button"; down.className = "cand-down"; down.title = "Bad answer";
+    down.setAttribute("aria-label", "thumbs down"); down.append(thumbIcon("down"));
     [up, down].forEach((b) => b.addEventListener("click", async () => {
       const ok = await sendFeedback({ completion_id: completionId, choice_index: c.index, thumbs: b === up ? "up" : "down" }, ack);
       if (ok) markChosen([up, down], b);
@@ -168,9 +236,14 @@ $("#composer").addEventListener("submit", async (ev) => {
   $("#send").disabled = true;
   setStatus(`thinking (${bestOf} candidate${bestOf > 1 ? "s" : ""})…`);
   try {
-    const completion = await api("POST", "/v1/chat/completions", body);
+    let completion;
+    if (bestOf === 1) {
+      completion = await streamAnswer(body);  // nothing to rank: show the tokens as they come
+    } else {
+      completion = await api("POST", "/v1/chat/completions", body);
+      renderAnswer(completion);
+    }
     state.messages.push({ role: "assistant", content: completion.choices[0].message.content });
-    renderAnswer(completion);
     setStatus("");
   } catch (e) {
     state.messages.pop();
