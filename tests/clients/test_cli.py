@@ -127,3 +127,13 @@ def test_chat_client_session_records_every_kind_of_feedback(gateway):
     rows = httpx.get(f"{gateway.url}/v1/feedback", params={"completion_id": ids.pop()}).json()["data"]
     assert sorted((f["kind"], f.get("thumbs"), f.get("rating"), f.get("preferred_index")) for f in rows) == [
         ("preference", None, None, 1), ("rating", None, 4, None), ("thumbs", "up", None, None)]
+
+
+def test_a_twelve_turn_chat_client_session_never_fails_for_length(gateway):
+    # each line alone fits the tiny model's context; twelve of them with their answers do not
+    lines = [f"turn {i}: " + "tell me more about the garden " * 2 for i in range(12)]
+    r = cli("chat-client", "--url", gateway.url, "--best-of", "2", "--max-tokens", "6",
+            input="\n".join([*lines, "/quit"]) + "\n", timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("assistant: ") == 12, r.stdout[-3000:]
+    assert "error" not in r.stdout.lower() and "exceed" not in r.stdout.lower(), r.stdout[-3000:]
