@@ -222,15 +222,11 @@ def build_reward_checkpoint(
     """Train the reward model on ``policy``'s trunk and save it as a ``reward`` checkpoint."""
     import os
 
-    from palm_rlhf.checkpoint import CheckpointError
+    from palm_rlhf.demo.train import check_replaceable
 
     cfg = cfg or RewardTrainConfig()
     out = Path(out)
-    if out.exists():
-        if not force:
-            raise CheckpointError(f"{out} already exists; pass --force to replace it")
-        if not (out / "manifest.json").is_file():
-            raise CheckpointError(f"{out} exists and is not a checkpoint folder; refusing to replace it")
+    check_replaceable(out, force)
     model, _tok, manifest, figures = train_reward_model(policy, cfg, progress=progress)
     model = model.to(getattr(torch, cfg.save_dtype))
     metadata = {

@@ -261,6 +261,18 @@ def _stored_state(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
 
 
+
+def check_replaceable(out: Path, force: bool) -> None:
+    """Refuse to write a checkpoint over ``out`` unless ``force``, and never over a folder
+    that is not a checkpoint."""
+    from palm_rlhf.checkpoint import CheckpointError
+
+    if out.exists():
+        if not force:
+            raise CheckpointError(f"{out} already exists; pass --force to replace it")
+        if not (out / "manifest.json").is_file():
+            raise CheckpointError(f"{out} exists and is not a checkpoint folder; refusing to replace it")
+
 def build_demo_checkpoint(
     out: str | Path,
     cfg: DemoTrainConfig | None = None,
@@ -270,15 +282,11 @@ def build_demo_checkpoint(
     command: str | None = None,
 ) -> Path:
     """Train the demo model and save it as a checkpoint folder at ``out``; returns ``out``."""
-    from palm_rlhf.checkpoint import CheckpointError, save_checkpoint
+    from palm_rlhf.checkpoint import save_checkpoint
 
     cfg = cfg or DemoTrainConfig()
     out = Path(out)
-    if out.exists():
-        if not force:
-            raise CheckpointError(f"{out} already exists; pass --force to replace it")
-        if not (out / "manifest.json").is_file():
-            raise CheckpointError(f"{out} exists and is not a checkpoint folder; refusing to replace it")
+    check_replaceable(out, force)
     if cfg.save_dtype not in ("float32", "float16", "bfloat16"):
         raise ValueError(f"save_dtype must be float32, float16 or bfloat16, got {cfg.save_dtype!r}")
     save_dtype = getattr(torch, cfg.save_dtype)

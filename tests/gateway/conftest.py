@@ -247,6 +247,21 @@ class FakeBackends:
         pass
 
 
+@dataclass
+class RecordingBackends(FakeBackends):
+    """FakeBackends that also keep the sampling options of every generate call."""
+
+    params: list[SamplingOptions] = field(default_factory=list)
+
+    async def generate(self, prompt_text, n, params):
+        self.params.append(params)
+        return await super().generate(prompt_text, n, params)
+
+    def generate_stream(self, prompt_text, n, params):
+        self.params.append(params)
+        return super().generate_stream(prompt_text, n, params)
+
+
 class FakeContext:
     """The served model's context as the policy would report it: byte tokens plus BOS."""
 

@@ -5,7 +5,6 @@ honour (logit bias and penalties are honoured: tests/gateway/test_openai_samplin
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 
 import httpx
 import openai
@@ -17,24 +16,9 @@ from services.common.feedback_store import open_store
 from services.gateway.app import GatewayConfig, create_app
 from services.gateway.backends import GrpcBackends, SamplingOptions
 
-from .conftest import E2E_KEY, REPO, FakeBackends, ThreadServer
+from .conftest import E2E_KEY, REPO, RecordingBackends, ThreadServer
 
 MESSAGES = [{"role": "user", "content": "How was your day?"}]
-
-
-@dataclass
-class RecordingBackends(FakeBackends):
-    """FakeBackends that also keep the sampling options of every generate call."""
-
-    params: list[SamplingOptions] = field(default_factory=list)
-
-    async def generate(self, prompt_text, n, params):
-        self.params.append(params)
-        return await super().generate(prompt_text, n, params)
-
-    def generate_stream(self, prompt_text, n, params):
-        self.params.append(params)
-        return super().generate_stream(prompt_text, n, params)
 
 
 @pytest.fixture

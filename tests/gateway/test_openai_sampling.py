@@ -5,8 +5,6 @@ policy service (the effects)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import httpx
 import openai
 import pytest
@@ -15,23 +13,10 @@ from services.common.feedback_store import open_store
 from services.gateway.app import GatewayConfig, create_app
 from services.gateway.backends import GrpcBackends, SamplingOptions
 
-from .conftest import E2E_KEY, FakeBackends, ThreadServer
+from .conftest import E2E_KEY, RecordingBackends, ThreadServer
 
 MESSAGES = [{"role": "user", "content": "How was your day?"}]
 KEY = "sk-test"
-
-
-@dataclass
-class RecordingBackends(FakeBackends):
-    params: list[SamplingOptions] = field(default_factory=list)
-
-    async def generate(self, prompt_text, n, params):
-        self.params.append(params)
-        return await super().generate(prompt_text, n, params)
-
-    def generate_stream(self, prompt_text, n, params):
-        self.params.append(params)
-        return super().generate_stream(prompt_text, n, params)
 
 
 @pytest.fixture
