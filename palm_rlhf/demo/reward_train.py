@@ -24,7 +24,6 @@ import math
 import platform
 import random
 import re
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -220,9 +219,8 @@ def build_reward_checkpoint(
     progress: bool = True, command: str | None = None,
 ) -> Path:
     """Train the reward model on ``policy``'s trunk and save it as a ``reward`` checkpoint."""
-    import os
 
-    from palm_rlhf.demo.train import check_replaceable
+    from palm_rlhf.demo.train import check_replaceable, staging_folder, swap_in
 
     cfg = cfg or RewardTrainConfig()
     out = Path(out)
@@ -239,18 +237,10 @@ def build_reward_checkpoint(
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
     }
-    target = out.parent / f".{out.name}.new" if out.exists() else out
-    if target != out and target.exists():
-        shutil.rmtree(target)
+    target = staging_folder(out)
     model.save(target, version=out.name, parent=manifest.get("version"), tokenizer=manifest.get("tokenizer"),
                metadata=metadata)
-    if target != out:
-        old = out.parent / f".{out.name}.old"
-        if old.exists():
-            shutil.rmtree(old)
-        os.rename(out, old)
-        os.rename(target, out)
-        shutil.rmtree(old)
+    swap_in(target, out)
     log.info("demo reward model saved to %s: held-out pair accuracy %s", out, figures["heldout_pair_accuracy"])
     return out
 

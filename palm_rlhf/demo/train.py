@@ -262,6 +262,26 @@ def _stored_state(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
 
 
 
+def staging_folder(out: Path) -> Path:
+    """Where to write a checkpoint that will replace ``out``: ``out`` itself when it does not
+    exist yet, else a hidden sibling that :func:`swap_in` moves into place once complete."""
+    target = out.parent / f".{out.name}.new" if out.exists() else out
+    if target != out and target.exists():
+        shutil.rmtree(target)
+    return target
+
+
+def swap_in(target: Path, out: Path) -> None:
+    """Replace ``out`` by the finished ``target`` (no-op when they are the same folder)."""
+    if target != out:
+        old = out.parent / f".{out.name}.old"
+        if old.exists():
+            shutil.rmtree(old)
+        os.rename(out, old)
+        os.rename(target, out)
+        shutil.rmtree(old)
+
+
 def check_replaceable(out: Path, force: bool) -> None:
     """Refuse to write a checkpoint over ``out`` unless ``force``, and never over a folder
     that is not a checkpoint."""
@@ -333,9 +353,7 @@ def build_demo_checkpoint(
     }
     # Replacing: the old folder stays in place (and usable by running services) until the new
     # one is complete, then the two are swapped by renames.
-    target = out.parent / f".{out.name}.new" if out.exists() else out
-    if target != out and target.exists():
-        shutil.rmtree(target)
+    target = staging_folder(out)
     save_checkpoint(
         target,
         state,
@@ -346,13 +364,7 @@ def build_demo_checkpoint(
         tokenizer=tok.to_dict(),
         metadata=metadata,
     )
-    if target != out:
-        old = out.parent / f".{out.name}.old"
-        if old.exists():
-            shutil.rmtree(old)
-        os.rename(out, old)
-        os.rename(target, out)
-        shutil.rmtree(old)
+    swap_in(target, out)
     log.info(
         "demo model saved to %s: %.0fs, final train loss %.3f, held-out loss %.3f (float32) / %.3f (%s as stored)",
         out,
