@@ -9,6 +9,7 @@ import json
 import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import IO, Any
 
 from services.common.config import DEFAULT_ADDRS, flag
@@ -37,7 +38,9 @@ def register(subparsers) -> None:
         epilog=SCORE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     flag(s, "--reward-addr", default=DEFAULT_ADDRS["reward"],
-         help="reward service host:port (PALM_RLHF_REWARD_ADDR; default 127.0.0.1:50053)")
+         help="reward service host:port (PALM_RLHF_REWARD_ADDR); default: the reward service of the "
+              f"'palm-rlhf up' running on --data-dir, else {DEFAULT_ADDRS['reward']}")
+    _data_dir_flag(s)
     s.add_argument("--prompt", help="the prompt the responses answer (may be empty for the sentiment scorer)")
     s.add_argument("responses", nargs="*", help="responses to score")
     s.add_argument("--file", help="JSONL input, one {\"prompt\": str, \"responses\": [str, ...]} per line ('-' = stdin)")
@@ -60,7 +63,9 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     flag(c, "--url", dest="gateway_url", default="http://127.0.0.1:8000",
-         help="gateway URL (PALM_RLHF_GATEWAY_URL; default http://127.0.0.1:8000)")
+         help="gateway URL (PALM_RLHF_GATEWAY_URL); default: the gateway of the 'palm-rlhf up' running on "
+              "--data-dir, else http://127.0.0.1:8000")
+    _data_dir_flag(c)
     flag(c, "--api-key", default=None,
          help="API key, when the gateway requires one (PALM_RLHF_API_KEY)")
     c.add_argument("--best-of", type=int, default=4, help="candidates sampled and ranked per answer (default 4)")
@@ -71,6 +76,12 @@ def register(subparsers) -> None:
     c.add_argument("--json", action="store_true", help="with --once: print the whole response as JSON")
     c.add_argument("--timeout", type=float, default=120.0, help="HTTP timeout in seconds")
     c.set_defaults(func=_chat)
+
+
+def _data_dir_flag(p: argparse.ArgumentParser) -> None:
+    flag(p, "--data-dir", type=Path, default=Path("./data"),
+         help="data directory of a running 'palm-rlhf up', whose DATA_DIR/addresses.json gives the address "
+              "when none is set (PALM_RLHF_DATA_DIR, default ./data)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,7 +172,7 @@ def _score(args: argparse.Namespace) -> int:
         print(f"error: {args.file}: {e}", file=sys.stderr)
         return 2
     except ClientError as e:
-        print(f"error: reward service at {args.reward_addr}: {e}", file=sys.stderr)
+        print(f"error: reward service at {args.reward_addr}{settings.where('reward_addr')}: {e}", file=sys.stderr)
         return 1
     finally:
         client.close()

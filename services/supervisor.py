@@ -14,6 +14,14 @@ doubling up to ``--restart-backoff-max``) while the others keep serving; a child
 more than ``--restart-limit`` times within ``--restart-window`` seconds is a crash loop, and
 the whole set is stopped with a non-zero exit status. ``say()`` never raises: when stdout goes
 away (a closed pipe or terminal) the supervisor carries on silently and still stops everyone.
+
+Once its ports are chosen, ``up`` writes them to ``DATA_DIR/addresses.json`` (atomically: a
+reader never sees half a file): every service's gRPC address, the gateway's URL and the
+metrics ports, with ``up``'s pid, and ``"ready": true`` from the ``ready:`` line on. The CLI
+clients read it when no address was given (services/common/settings.py ``ClientSettings``),
+which is how they find services on ``--free-ports``. ``up`` removes the file when it stops; a
+file left behind by an ``up`` killed with SIGKILL names a pid that no longer runs, and the
+clients ignore it.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import argparse
 import collections
 import errno
 import importlib.util
+import json
 import os
 import re
 import secrets
@@ -37,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.common.config import (
+    ADDRESSES_FILE_NAME,
     ADMIN_TOKEN_FILE_NAME,
     DEFAULT_METRICS_PORTS,
     DEFAULT_PORTS,
@@ -97,6 +107,21 @@ def ensure_admin_token(data_dir: str | Path) -> tuple[str, Path, bool]:
         f.write(token + "\n")
     os.chmod(path, 0o600)  # whatever the umask
     return token, path, True
+
+
+def write_json_atomically(path: Path, doc: dict) -> None:
+    """Write ``doc`` to ``path`` through a temporary file renamed over it: a reader sees the old
+    file or the new one, never a half-written one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=1, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -185,6 +210,7 @@ class Supervisor:
         self.signals: list[int] = []
         self._signals_at_stop = 0
         self._print_lock = threading.Lock()
+        self._addresses_written = False
         self.policy = RestartPolicy(
             limit=getattr(args, "restart_limit", 5), window=getattr(args, "restart_window", 300.0),
             backoff=getattr(args, "restart_backoff", 1.0), max_backoff=getattr(args, "restart_backoff_max", 30.0),
@@ -270,6 +296,54 @@ class Supervisor:
                 problems.append(f"port {port} is in use (another palm-rlhf up?); stop it or {hint} "
                                 f"[the {role} {kind} port]")
         return problems
+
+    # -- the addresses file -------------------------------------------------------------------
+
+    @property
+    def addresses_path(self) -> Path:
+        return Path(self.args.data_dir) / ADDRESSES_FILE_NAME
+
+    def addresses(self, ready: bool) -> dict:
+        """What DATA_DIR/addresses.json holds: where each planned service listens."""
+        gateway = next((c for c in self.children if c.http), None)
+        gateway_url = None
+        if gateway is not None and not gateway.addr.endswith(":0"):  # --port 0: known once it listens
+            gateway_url = f"http://{gateway.addr}"
+        return {
+            "pid": os.getpid(),
+            "hostname": socket.gethostname(),
+            "ready": ready,
+            "grpc": {c.name: c.addr for c in self.children if not c.http},
+            "gateway_url": gateway_url,
+            "metrics_ports": {r: self.ports[(r, "metrics")] for r in MODEL_ROLES if (r, "metrics") in self.ports},
+        }
+
+    def write_addresses(self, ready: bool) -> None:
+        try:
+            write_json_atomically(self.addresses_path, self.addresses(ready))
+        except OSError as e:
+            self.say("up", f"warning: could not write {self.addresses_path}: {e.strerror or e}")
+            return
+        if not self._addresses_written:
+            self.say("up", f"addresses written to {self.addresses_path.resolve()}")
+        self._addresses_written = True
+
+    def update_addresses(self) -> None:
+        """Rewrite the file, ready, once start-up is over (the gateway's port is known by then)
+        and when a restarted gateway is back."""
+        if self._addresses_written:
+            self.write_addresses(ready=True)
+
+    def remove_addresses(self) -> None:
+        """Remove DATA_DIR/addresses.json if this ``up`` wrote it (not one of another ``up``
+        that has since written its own over it)."""
+        if not self._addresses_written:
+            return
+        try:
+            if json.loads(self.addresses_path.read_text(encoding="utf-8")).get("pid") == os.getpid():
+                self.addresses_path.unlink()
+        except (OSError, ValueError, AttributeError):
+            pass
 
     # -- processes ----------------------------------------------------------------------------
 
@@ -366,6 +440,7 @@ class Supervisor:
                 return 1
             Path(a.data_dir).mkdir(parents=True, exist_ok=True)
             self.say("up", f"data directory {Path(a.data_dir).resolve()}")
+            self.write_addresses(ready=False)
             if not a.admin_token:
                 from services.common.settings import env_for_child
 
@@ -387,6 +462,7 @@ class Supervisor:
                 return 0
             return self.supervise()
         finally:
+            self.remove_addresses()
             try:
                 sys.stdout.flush()
             except (OSError, ValueError):
@@ -413,6 +489,7 @@ class Supervisor:
                 url = f"http://{next(c for c in self.children if c.name == 'gateway').addr}"
             else:
                 url = ", ".join(f"{c.name}={c.addr}" for c in self.children)
+            self.update_addresses()
             self.say("up", f"ready: {url}")
             return self.keep_up()
         finally:
@@ -453,6 +530,8 @@ class Supervisor:
                         c.state = "ready"
                         took = time.monotonic() - (c.exited_at or c.started_at)
                         self.say("up", f"{c.name} is back (pid {c.proc.pid}): ready {took:.1f}s after it exited")
+                        if c.http:  # a gateway on --port 0 listens on a new port
+                            self.update_addresses()
                     elif now - c.started_at > a.ready_timeout and c.proc.poll() is None:
                         self.say("up", f"{c.name} did not become ready within {a.ready_timeout:.0f}s "
                                        "of its restart; killing it")

@@ -30,6 +30,9 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 # `palm-rlhf up` writes the admin token it uses here (mode 0600); the CLI clients look for it
 ADMIN_TOKEN_FILE_NAME = "admin-token"
+# `palm-rlhf up` writes the addresses it chose here (DATA_DIR/addresses.json) and removes the file
+# when it stops; the CLI clients take an address from it when none was given (services/supervisor.py)
+ADDRESSES_FILE_NAME = "addresses.json"
 
 _GIVEN = "_given_flags"
 

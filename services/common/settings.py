@@ -18,6 +18,7 @@ from pydantic import Field, PrivateAttr, ValidationError, field_validator, model
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common.config import (
+    ADDRESSES_FILE_NAME,
     ADMIN_TOKEN_FILE_NAME,
     DEFAULT_ADDRS,
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -359,9 +360,63 @@ class UpSettings(CommonSettings):
 # --- command-line clients ------------------------------------------------------------------------
 
 
+def _pid_runs(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def read_up_addresses(data_dir: str | Path) -> dict[str, Any] | None:
+    """The addresses a running ``palm-rlhf up`` wrote to ``DATA_DIR/addresses.json``, or None:
+    no such file, an unreadable one, or one left behind by an ``up`` that is gone (killed with
+    SIGKILL: its pid no longer runs on this host)."""
+    import json
+    import socket
+
+    path = Path(data_dir) / ADDRESSES_FILE_NAME
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict):
+        return None
+    pid = doc.get("pid")
+    if isinstance(pid, int) and doc.get("hostname") == socket.gethostname() and not _pid_runs(pid):
+        return None
+    return doc
+
+
+def _grpc_addr(role: str):
+    def pick(doc: dict[str, Any]) -> str | None:
+        grpc = doc.get("grpc")
+        value = grpc.get(role) if isinstance(grpc, dict) else None
+        return value if isinstance(value, str) and value else None
+
+    return pick
+
+
+def _gateway_url(doc: dict[str, Any]) -> str | None:
+    value = doc.get("gateway_url")
+    return value if isinstance(value, str) and value else None
+
+
+# client setting -> how to find it in DATA_DIR/addresses.json
+UP_ADDRESSES = {"trainer_addr": _grpc_addr("trainer"), "reward_addr": _grpc_addr("reward"),
+                "gateway_url": _gateway_url}
+
+
 class ClientSettings(Settings):
     """The CLI clients (``palm-rlhf trainer ...``, ``palm-rlhf score``, ``palm-rlhf chat-client``).
 
+    Each address (trainer, reward, gateway URL) comes from its flag, else its variable
+    (``PALM_RLHF_TRAINER_ADDR``, ...), else ``DATA_DIR/addresses.json`` as written by a running
+    ``palm-rlhf up`` (so ``up --free-ports`` is found), else the default port on 127.0.0.1.
     The admin token comes from ``--admin-token``, ``PALM_RLHF_ADMIN_TOKEN``, a file
     (``--admin-token-file`` / ``PALM_RLHF_ADMIN_TOKEN_FILE``), or else ``DATA_DIR/admin-token``
     as written by ``palm-rlhf up`` (DATA_DIR: ``--data-dir`` / ``PALM_RLHF_DATA_DIR``, ./data)."""
@@ -377,6 +432,24 @@ class ClientSettings(Settings):
     tls_ca: str | None = None
     tls_client_cert: str | None = None
     tls_client_key: str | None = None
+    _from_up: set[str] = PrivateAttr(default_factory=set)
+
+    @model_validator(mode="after")
+    def _find_addresses(self):
+        wanted = [f for f in UP_ADDRESSES if f not in self.model_fields_set]
+        found = read_up_addresses(self.data_dir) if wanted else None
+        for f in wanted if found else ():
+            value = UP_ADDRESSES[f](found)
+            if value:
+                setattr(self, f, value)
+                self._from_up.add(f)
+        return self
+
+    def where(self, field: str) -> str:
+        """Where the address in ``field`` came from, for messages: '' or ' (from FILE)'."""
+        if field in self._from_up:
+            return f" (from {Path(self.data_dir) / ADDRESSES_FILE_NAME})"
+        return ""
 
     @model_validator(mode="after")
     def _find_admin_token(self):

@@ -11,7 +11,8 @@ from services.common.config import DEFAULT_ADDRS, flag
 
 def _trainer_args(p: argparse.ArgumentParser) -> None:
     flag(p, "--trainer-addr", default=DEFAULT_ADDRS["trainer"],
-         help=f"trainer service address (PALM_RLHF_TRAINER_ADDR, default {DEFAULT_ADDRS['trainer']})")
+         help="trainer service address (PALM_RLHF_TRAINER_ADDR); default: the trainer of the 'palm-rlhf up' "
+              f"running on --data-dir (its DATA_DIR/addresses.json), else {DEFAULT_ADDRS['trainer']}")
     flag(p, "--admin-token", default=None,
          help="bearer token for the admin RPCs Trigger and Rollback; prefer PALM_RLHF_ADMIN_TOKEN or "
               "--admin-token-file (a flag is visible in the process list). Default: DATA_DIR/admin-token "
@@ -19,7 +20,8 @@ def _trainer_args(p: argparse.ArgumentParser) -> None:
     flag(p, "--admin-token-file", type=Path, default=None,
          help="read the admin token from this file (PALM_RLHF_ADMIN_TOKEN_FILE)")
     flag(p, "--data-dir", type=Path, default=Path("./data"),
-         help="where 'palm-rlhf up' keeps its admin-token file (PALM_RLHF_DATA_DIR, default ./data)")
+         help="where 'palm-rlhf up' keeps its admin-token and addresses.json files (PALM_RLHF_DATA_DIR, "
+              "default ./data)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the reply (default 3600)")
     p.add_argument("--json", action="store_true", help="print the reply as JSON")
 
@@ -63,7 +65,8 @@ def _run_trainer(args: argparse.Namespace) -> int:
                 reply = stub.Rollback(trainer_pb2.RollbackRequest(version=args.to or ""), timeout=args.timeout,
                                       metadata=md)
     except grpc.RpcError as e:
-        print(f"error: {args.action} failed: {e.code().name}: {e.details()}")
+        print(f"error: {args.action} failed: {e.code().name}: {e.details()} "
+              f"[trainer at {settings.trainer_addr}{settings.where('trainer_addr')}]")
         return 1
     _print(reply, args.json)
     return 0

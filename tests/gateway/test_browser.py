@@ -153,3 +153,106 @@ def test_one_answer_streams_and_the_page_needs_no_emoji_font(stack):
             assert not problems, problems
         finally:
             browser.close()
+
+
+CONTEXT = 256  # the stack's tiny model: max_seq_len, in byte tokens plus BOS
+ANSWER_TOKENS = 8  # the page's max tokens in the long conversation
+
+
+def _expected_dropped(messages: list[dict]) -> int:
+    """Messages the gateway must leave out of ``messages`` (user/assistant turns, the last one
+    the user's) so that the prompt plus the answer fit the context: whole exchanges, oldest
+    first, no more than needed."""
+    from palm_rlhf.chat import format_chat
+
+    def tokens(kept: list[dict]) -> int:
+        return 1 + len(format_chat(kept).encode("utf-8"))  # BOS + one token per byte
+
+    dropped = 0
+    while tokens(messages[dropped:]) > CONTEXT - ANSWER_TOKENS:
+        dropped += 2  # one user message and its answer
+        assert dropped < len(messages), "even the latest message alone does not fit"
+    return dropped
+
+
+@pytest.mark.browser
+def test_a_twelve_turn_conversation_keeps_its_history_and_says_when_old_turns_are_left_out(stack):
+    chromium = _chromium_or_skip()
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=str(chromium),
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
+        try:
+            page = browser.new_page()
+            problems: list[str] = []
+            page.on("console", lambda m: m.type == "error" and problems.append(m.text))
+            page.on("pageerror", lambda e: problems.append(str(e)))
+            requests: list[dict] = []
+            page.on("request", lambda r: r.method == "POST" and r.url.endswith("/v1/chat/completions")
+                    and requests.append(r.post_data_json))  # fmt: skip
+            page.goto(stack.url + "/")
+            page.click("#settings summary")
+            page.fill("#api-key", E2E_KEY)
+            page.dispatch_event("#api-key", "change")
+            page.fill("#max-tokens", str(ANSWER_TOKENS))
+
+            typed: list[str] = []
+            shown: list[str] = []
+            dropped_seen: list[int] = []
+            answers = page.locator("article.assistant")
+            for k in range(1, 13):
+                best_of = 1 if k % 2 else 2  # streamed and ranked turns, one after the other
+                page.fill("#best-of", str(best_of))
+                text = f"Message {k} of twelve: what do you think about the weather in the garden today?"
+                typed.append(text)
+                page.locator("#prompt").press_sequentially(text)
+                page.click("#send")
+                # the answer is rendered, the turn is in the page's history and Send is back (or an error)
+                page.wait_for_function(
+                    """k => document.querySelector('article.turn.error') ||
+                       (document.querySelectorAll('article.assistant:not(.streaming)').length === k &&
+                        !document.querySelector('#send').disabled)""",
+                    arg=k,
+                    timeout=30_000,
+                )
+                errors = page.locator("article.turn.error")
+                assert errors.count() == 0, f"turn {k}: {errors.first.text_content()}"
+                expect(answers).to_have_count(k)
+                answer = answers.nth(k - 1)
+                text_shown = answer.locator(".text").text_content()
+                shown.append("" if text_shown == "(empty answer)" else text_shown)
+                meta = answer.locator(".meta").text_content()
+                assert f"best of {best_of}" in meta, (k, meta)
+
+                # the request of turn k carries the whole conversation: 2k-1 messages in order
+                assert len(requests) == k, (k, len(requests))
+                req = requests[k - 1]
+                assert req["best_of"] == best_of and req.get("stream", False) is (best_of == 1), req
+                assert req["max_tokens"] == ANSWER_TOKENS
+                msgs = req["messages"]
+                assert len(msgs) == 2 * k - 1, (k, msgs)
+                assert [m["role"] for m in msgs] == ["user", "assistant"] * (k - 1) + ["user"]
+                assert [m["content"] for m in msgs[0::2]] == typed
+                assert [m["content"] for m in msgs[1::2]] == shown[:-1]
+
+                # what the gateway kept: the newest exchanges that fit, said on the page
+                dropped = _expected_dropped(msgs)
+                dropped_seen.append(dropped)
+                if dropped:
+                    assert f"· {dropped} oldest turns left out to fit the model" in meta, (k, dropped, meta)
+                else:
+                    assert "left out" not in meta, (k, meta)
+                cid = answer.get_attribute("data-completion-id")
+                with open_store(f"sqlite:///{stack.db_path}") as store:
+                    rec = store.get_completion(cid)
+                assert rec.best_of == best_of
+                assert [(m["role"], m["content"]) for m in rec.messages] == [
+                    (m["role"], m["content"]) for m in msgs[dropped:]
+                ]
+            assert dropped_seen[0] == 0 and dropped_seen[-1] > 0, dropped_seen  # the history overflowed
+            assert not problems, problems
+        finally:
+            browser.close()
