@@ -153,7 +153,7 @@ def _register_eval(subparsers: Any) -> None:
     )
     rbuild.add_argument("--out", required=True, help="checkpoint folder to create")
     rbuild.add_argument("--policy", help="policy checkpoint whose trunk to train (default: the demo model)")
-    rbuild.add_argument("--steps", type=int, default=500, help="optimizer steps (default 500)")
+    rbuild.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recipe's, 1000)")
     rbuild.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     rbuild.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     rbuild.add_argument("--force", action="store_true", help="replace an existing checkpoint folder at --out")
@@ -166,7 +166,8 @@ def _register_eval(subparsers: Any) -> None:
         description=(
             "Sample answers to held-out questions as the chat page does (temperature 0.8) and print "
             "the share on the question's topic, in corpus words, ended by the model, and broken, for "
-            "one sample and for the best of n ranked by the reward model. Runs in-process."
+            "one sample and for the best of n ranked by the reward model, for the question alone and asked "
+            "after earlier exchanges of a conversation. Runs in-process."
         ),
     )
     ev.add_argument("--checkpoint", help="policy checkpoint folder (default: the demo model)")
@@ -175,6 +176,9 @@ def _register_eval(subparsers: Any) -> None:
     ev.add_argument("--best-of", type=int, default=4, help="candidates ranked by the reward model (default 4)")
     ev.add_argument("--seed", type=int, default=0, help="question and sampling seed (default 0)")
     ev.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8, the page's)")
+    ev.add_argument("--earlier-turns", type=int, default=11,
+                    help="earlier exchanges before each question in the conversation figures (default 11: the "
+                         "twelfth question of a chat; 0: skip)")
     ev.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     ev.add_argument("--json", action="store_true", help="print the figures as JSON")
     ev.set_defaults(func=run_demo_eval)
@@ -447,10 +451,12 @@ def run_demo_reward_build(args: argparse.Namespace) -> int:
     from palm_rlhf.demo.reward_train import RewardTrainConfig, build_reward_checkpoint
 
     policy = args.policy or str(demo_checkpoint_dir())
-    cfg = RewardTrainConfig(seed=args.seed, steps=args.steps, num_threads=args.threads)
+    cfg = RewardTrainConfig(seed=args.seed, num_threads=args.threads)
+    if args.steps is not None:
+        cfg.steps = args.steps
     command = (
         f"palm-rlhf demo-reward-build --out {shlex.quote(str(args.out))} --policy {shlex.quote(str(policy))} "
-        f"--steps {args.steps} --seed {args.seed} --threads {args.threads}"
+        f"--steps {cfg.steps} --seed {args.seed} --threads {args.threads}"
     )
     try:
         out = build_reward_checkpoint(
@@ -480,15 +486,21 @@ def run_demo_eval(args: argparse.Namespace) -> int:
     reward_path = args.reward or demo_reward_dir()
     reward = load_reward_checkpoint(reward_path)[0] if reward_path else None
     result = demo_eval(model.eval(), tok, reward, count=args.questions, seed=args.seed, best_of=args.best_of,
-                       temperature=args.temperature)
+                       temperature=args.temperature, earlier_turns=args.earlier_turns)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
     print(f"{result['questions']} held-out questions at temperature {result['temperature']}; topic classifier "
           f"accuracy on corpus answers {result['classifier_accuracy']:.1%}")
-    print(f"{'':12} {'topic match':>12} {'corpus words':>13} {'ended':>7} {'broken':>7}")
+    _print_figures("the question alone", result)
+    if "conversation" in result:
+        _print_figures(f"after {result['conversation']['earlier_turns']} earlier exchanges", result["conversation"])
+    return 0
+
+
+def _print_figures(title: str, result: dict) -> None:
+    print(f"{title:24} {'topic match':>12} {'corpus words':>13} {'ended':>7} {'broken':>7}")
     for key in [k for k in result if k == "n1" or k.startswith("best_of_")]:
         f = result[key]
-        label = "n=1" if key == "n1" else key.replace("best_of_", "best of ")
-        print(f"{label:12} {f['topic_match']:>12.1%} {f['corpus_words']:>13.1%} {f['ended']:>7.1%} {f['broken']:>7.1%}")
-    return 0
+        label = "  n=1" if key == "n1" else "  " + key.replace("best_of_", "best of ")
+        print(f"{label:24} {f['topic_match']:>12.1%} {f['corpus_words']:>13.1%} {f['ended']:>7.1%} {f['broken']:>7.1%}")

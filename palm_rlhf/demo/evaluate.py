@@ -10,7 +10,11 @@
   repeat a run of four words.
 
 Answers are sampled as the chat page samples them (temperature 0.8, no nucleus cut), one per
-question (``n=1``) or four ranked by a reward model (best of 4).
+question (``n=1``) or four ranked by a reward model (best of 4), twice: for the question alone,
+and for the question asked in a conversation, after :data:`CONVERSATION_TURNS` earlier
+exchanges on other held-out questions (the whole conversation is the prompt, as the page sends
+it). The model was trained on one- and two-turn exchanges, so a long conversation is where it
+drifts to an earlier turn's topic, and where ranking by the reward model has the most to win.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any
 PAGE_TEMPERATURE = 0.8  # the chat page's default
 PAGE_TOP_P = 1.0
 MAX_NEW_TOKENS = 96
+CONVERSATION_TURNS = 11  # earlier exchanges: the measured question is the twelfth of a conversation
 _WORD = re.compile(r"[A-Za-z']+")
 
 
@@ -84,6 +89,25 @@ def heldout_turns(seed: int, count: int) -> list[Any]:
     return [e.last for e in generate_exchanges(seed, count, held_out=True)]
 
 
+def conversation_prompts(turns: Sequence[Any], earlier: int, seed: int = 0) -> list[str]:
+    """One chat prompt per turn: ``earlier`` other held-out exchanges (question and corpus
+    answer), then the turn's question, rendered as the gateway renders a conversation."""
+    import random
+
+    from palm_rlhf.chat import format_chat
+
+    rng = random.Random(f"conversation-{seed}-{earlier}")
+    prompts = []
+    for i, t in enumerate(turns):
+        others = [h for j, h in enumerate(turns) if j != i]
+        messages: list[dict[str, str]] = []
+        for h in rng.sample(others, min(earlier, len(others))):
+            messages += [{"role": "user", "content": h.question}, {"role": "assistant", "content": h.answer}]
+        messages.append({"role": "user", "content": t.question})
+        prompts.append(format_chat(messages))
+    return prompts
+
+
 def classifier_accuracy(classifier: TopicClassifier, seed: int = 5, count: int = 1000) -> float:
     """The classifier's accuracy on the corpus's own answers to held-out questions."""
     turns = heldout_turns(seed, count)
@@ -109,19 +133,19 @@ class Answer:
 
 
 def sample_answers(
-    model, tok, questions: Sequence[str], n: int = 1, seed: int = 0, temperature: float = PAGE_TEMPERATURE,
+    model, tok, prompts: Sequence[str], n: int = 1, seed: int = 0, temperature: float = PAGE_TEMPERATURE,
     top_p: float = PAGE_TOP_P, max_new_tokens: int = MAX_NEW_TOKENS, batch: int = 32,
 ) -> list[list[Answer]]:
-    """``n`` sampled answers per question, the prompt rendered as the chat page renders it."""
+    """``n`` sampled answers per chat prompt (rendered by :func:`palm_rlhf.chat.format_chat`)."""
     import torch
 
-    from palm_rlhf.chat import clean_response, encode_prompt, format_chat
+    from palm_rlhf.chat import clean_response, encode_prompt
     from palm_rlhf.generation import SamplingParams, generate_tokens
 
     out: list[list[Answer]] = []
-    for start in range(0, len(questions), batch):
-        chunk = questions[start : start + batch]
-        ids = [encode_prompt(tok, format_chat([{"role": "user", "content": q}])) for q in chunk]
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start : start + batch]
+        ids = [encode_prompt(tok, p) for p in chunk]
         params = SamplingParams(
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
             stop_token_ids=(tok.eos_id,), seed=seed + start, n=n,
@@ -175,40 +199,53 @@ def reward_pick(reward_model, tok, prompts: Sequence[str], candidates: Sequence[
     return out
 
 
+def _rank_and_measure(model, tok, reward_model, prompts, topics, classifier, vocabulary, *, seed: int,
+                      best_of: int, temperature: float) -> dict[str, Any]:
+    samples = sample_answers(
+        model, tok, prompts, n=best_of if reward_model is not None else 1, seed=seed, temperature=temperature
+    )
+    out = {"n1": figures([s[0] for s in samples], topics, classifier, vocabulary)}
+    if reward_model is not None:
+        picked = reward_pick(reward_model, tok, prompts, samples)
+        out[f"best_of_{best_of}"] = figures(picked, topics, classifier, vocabulary)
+    return out
+
+
 def demo_eval(model, tok, reward_model=None, count: int = 200, seed: int = 0, best_of: int = 4,
-              temperature: float = PAGE_TEMPERATURE) -> dict[str, Any]:
+              temperature: float = PAGE_TEMPERATURE, earlier_turns: int = CONVERSATION_TURNS) -> dict[str, Any]:
     """Figures of one sample and of best-of-``best_of`` (when a reward model is given) on
-    ``count`` held-out questions, sampled at ``temperature`` (default: the chat page's)."""
+    ``count`` held-out questions, sampled at ``temperature`` (default: the chat page's); then
+    the same questions asked after ``earlier_turns`` earlier exchanges (skipped when 0)."""
     from palm_rlhf.chat import format_chat
 
     classifier = topic_classifier()
     vocabulary = corpus_vocabulary()
     turns = heldout_turns(seed, count)
-    questions = [t.question for t in turns]
     topics = [t.topic for t in turns]
-    samples = sample_answers(
-        model, tok, questions, n=best_of if reward_model is not None else 1, seed=seed, temperature=temperature
-    )
+    kw = {"seed": seed, "best_of": best_of, "temperature": temperature}
     result: dict[str, Any] = {
         "questions": count,
         "temperature": temperature,
         "classifier_accuracy": classifier_accuracy(classifier),
-        "n1": figures([s[0] for s in samples], topics, classifier, vocabulary),
     }
-    if reward_model is not None:
-        prompts = [format_chat([{"role": "user", "content": q}]) for q in questions]
-        picked = reward_pick(reward_model, tok, prompts, samples)
-        result[f"best_of_{best_of}"] = figures(picked, topics, classifier, vocabulary)
+    prompts = [format_chat([{"role": "user", "content": t.question}]) for t in turns]
+    result.update(_rank_and_measure(model, tok, reward_model, prompts, topics, classifier, vocabulary, **kw))
+    if earlier_turns > 0:
+        prompts = conversation_prompts(turns, earlier_turns, seed=seed)
+        conversation = _rank_and_measure(model, tok, reward_model, prompts, topics, classifier, vocabulary, **kw)
+        result["conversation"] = {"earlier_turns": earlier_turns, **conversation}
     return result
 
 
 __all__ = [
+    "CONVERSATION_TURNS",
     "MAX_NEW_TOKENS",
     "PAGE_TEMPERATURE",
     "PAGE_TOP_P",
     "Answer",
     "TopicClassifier",
     "classifier_accuracy",
+    "conversation_prompts",
     "corpus_vocabulary",
     "demo_eval",
     "figures",

@@ -3,15 +3,22 @@
 Every pair is a held-in training question with its corpus answer (chosen) and a worse answer
 (rejected), one of:
 
-* ``off_topic`` - a corpus answer to a question of another topic;
+* ``off_topic`` - a corpus answer to a question of another topic (when the conversation has
+  earlier turns, often the topic of one of them: the answer that drifted back to an old subject);
 * ``misspelled`` - the answer with one to three words misspelled (letters swapped, dropped
   or doubled);
 * ``truncated`` - the answer cut after a few words, mid-sentence;
-* ``repeated`` - the answer with a run of its words said again (or twice over).
+* ``repeated`` - the answer with a run of its words said again (or twice over);
+* ``sampled_off_topic`` - here both answers are the demo policy's own, sampled as the chat page
+  samples them before training: its answer to the question asked alone (chosen) over its
+  answer to a question of another topic (rejected), often one asked earlier in the
+  conversation. These carry the policy's own style and slips, which the corpus answers do not.
 
 The reward model is a :class:`palm_rlhf.reward.RewardModel` (five rating bins, the reward
 service's default head) on the demo policy's trunk, trained with the Bradley-Terry loss on
-its expected rating, trunk included. It is saved in the format the reward service loads, so
+its expected rating, trunk included. Two pairs in five come after earlier turns of a
+conversation (one to :data:`MAX_HISTORY` of them, drawn from other exchanges), as the gateway
+scores answers in a chat: the whole conversation is the prompt. It is saved in the format the reward service loads, so
 ``up`` seeds it into the reward store and best-of-n ranks from the first request.
 
 ``palm-rlhf demo-reward-build --out DIR`` runs it.
@@ -26,6 +33,7 @@ import random
 import re
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +43,10 @@ import torch
 log = logging.getLogger(__name__)
 
 REJECTION_KINDS = ("off_topic", "misspelled", "truncated", "repeated")
-KIND_WEIGHTS = (0.55, 0.15, 0.15, 0.15)
+KIND_WEIGHTS = (0.6, 0.1, 0.15, 0.15)
+MAX_HISTORY = 11  # earlier turns before the rated one, at most: the twelfth turn of a chat
+HISTORY_SHARE = 0.4  # pairs with earlier turns
+SAMPLED_SHARE = 0.35  # pairs of the policy's own answers (sampled_off_topic), when they are given
 
 
 @dataclass
@@ -44,11 +55,14 @@ class RewardTrainConfig:
 
     seed: int = 0
     corpus_seed: int = 2  # training questions of another sample than the policy's
-    pairs: int = 6000
-    steps: int = 500
+    pairs: int = 8000
+    steps: int = 1000  # topic match is learnt late: the loss on off-topic pairs stays flat ~150 steps
     batch_size: int = 16  # pairs per step
-    lr: float = 1e-3
-    warmup_steps: int = 20
+    lr: float = 3e-4  # 1e-3 never leaves chance on off-topic pairs
+    warmup_steps: int = 50
+    sampled_pairs: bool = True  # add sampled_off_topic pairs of the policy's own answers
+    topic_first_steps: int = 450  # steps on off-topic pairs only, before every kind is mixed in
+    decay_from: int = 800  # the learning rate stays flat until here, then falls to a tenth (cosine)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     num_bins: int = 5
@@ -101,9 +115,34 @@ def _repeat(text: str, rng: random.Random) -> str:
     return " ".join(ws[: i + k] + run * rng.randint(1, 3) + ws[i + k :])
 
 
-def preference_pairs(seed: int, count: int, held_out: bool = False, rng_seed: int = 0) -> list[Pair]:
-    """``count`` pairs from single-turn exchanges of corpus ``seed``; rejected kinds are drawn
-    with :data:`KIND_WEIGHTS`."""
+def policy_answers(palm, tok, questions: Sequence[str], seed: int = 0) -> dict[str, str]:
+    """The policy's own answer to each distinct question asked alone, sampled as the chat page
+    samples; answers cut at the token limit or empty are left out."""
+    from palm_rlhf.chat import format_chat
+    from palm_rlhf.demo.evaluate import sample_answers
+
+    distinct = sorted(set(questions))
+    prompts = [format_chat([{"role": "user", "content": q}]) for q in distinct]
+    was = palm.training
+    palm.eval()
+    got = sample_answers(palm, tok, prompts, n=1, seed=seed)
+    palm.train(was)
+    return {q: a[0].text for q, a in zip(distinct, got) if a[0].ended and a[0].text.strip()}
+
+
+def corpus_questions(seed: int, count: int, held_out: bool = False) -> list[str]:
+    """The questions :func:`preference_pairs` rates, for :func:`policy_answers`."""
+    from palm_rlhf.demo.corpus import generate_exchanges
+
+    return [e.last.question for e in generate_exchanges(seed, count, held_out=held_out)]
+
+
+def preference_pairs(seed: int, count: int, held_out: bool = False, rng_seed: int = 0,
+                     answers: Mapping[str, str] | None = None) -> list[Pair]:
+    """``count`` pairs from exchanges of corpus ``seed``; rejected kinds are drawn with
+    :data:`KIND_WEIGHTS`, and a share :data:`HISTORY_SHARE` of the prompts carry earlier turns.
+    With ``answers`` (question -> the policy's answer, :func:`policy_answers`), a share
+    :data:`SAMPLED_SHARE` of the pairs are ``sampled_off_topic`` instead."""
     from palm_rlhf.chat import format_chat
     from palm_rlhf.demo.corpus import generate_exchanges
 
@@ -114,9 +153,28 @@ def preference_pairs(seed: int, count: int, held_out: bool = False, rng_seed: in
     rng = random.Random(f"pairs-{seed}-{held_out}-{rng_seed}")
     pairs = []
     for t in turns:
+        history = []
+        if rng.random() < HISTORY_SHARE:
+            history = rng.sample(turns, rng.randint(1, MAX_HISTORY))
+        messages = []
+        for h in history:
+            messages += [{"role": "user", "content": h.question}, {"role": "assistant", "content": h.answer}]
+        messages.append({"role": "user", "content": t.question})
+        if answers is not None and t.question in answers and rng.random() < SAMPLED_SHARE:
+            others = [h for h in history if h.topic != t.topic and h.question in answers]
+            if not (others and rng.random() < 0.5):
+                others = [o for o in rng.sample(turns, 8) if o.topic != t.topic and o.question in answers]
+            if others:
+                rejected = answers[rng.choice(others).question]
+                pairs.append(Pair(format_chat(messages), answers[t.question], rejected, "sampled_off_topic"))
+                continue
         kind = rng.choices(REJECTION_KINDS, KIND_WEIGHTS)[0]
         if kind == "off_topic":
-            other = rng.choice([name for name in by_topic if name != t.topic])
+            earlier = [h.topic for h in history if h.topic != t.topic]
+            if earlier and rng.random() < 0.5:
+                other = rng.choice(earlier)
+            else:
+                other = rng.choice([name for name in by_topic if name != t.topic])
             rejected = rng.choice(by_topic[other])
         elif kind == "misspelled":
             rejected = _misspell(t.answer, rng)
@@ -126,7 +184,7 @@ def preference_pairs(seed: int, count: int, held_out: bool = False, rng_seed: in
             rejected = _repeat(t.answer, rng)
         if rejected == t.answer:
             continue
-        pairs.append(Pair(format_chat([{"role": "user", "content": t.question}]), t.answer, rejected, kind))
+        pairs.append(Pair(format_chat(messages), t.answer, rejected, kind))
     return pairs
 
 
@@ -149,9 +207,14 @@ def pair_accuracy(model, tok, pairs: list[Pair], batch_size: int = 32) -> dict[s
         rr = _scores(model, tok, [p.prompt for p in chunk], [p.rejected for p in chunk])
         for p, ok in zip(chunk, (rc > rr).tolist()):
             right.setdefault(p.kind, []).append(ok)
+            if p.prompt.count("User:") > 1:
+                right.setdefault("with_history", []).append(ok)
     model.train(was)
-    out = {kind: round(sum(v) / len(v), 4) for kind, v in sorted(right.items())}
-    out["all"] = round(sum(sum(v) for v in right.values()) / sum(len(v) for v in right.values()), 4)
+    out = {kind: round(sum(v) / len(v), 4) for kind, v in sorted(right.items()) if kind != "with_history"}
+    if "with_history" in right:
+        out["with_history"] = round(sum(right["with_history"]) / len(right["with_history"]), 4)
+    kinds = [v for kind, v in right.items() if kind != "with_history"]
+    out["all"] = round(sum(sum(v) for v in kinds) / sum(len(v) for v in kinds), 4)
     return out
 
 
@@ -170,9 +233,23 @@ def train_reward_model(policy: str | Path, cfg: RewardTrainConfig, progress: boo
         torch.manual_seed(cfg.seed)
         palm, manifest = load_palm(policy, dtype=torch.float32)
         tok = load_tokenizer(manifest.get("tokenizer"))
+        answers = None
+        if cfg.sampled_pairs:  # the policy's answers, before its trunk becomes the reward model's
+            t_sample = time.perf_counter()
+            questions = corpus_questions(cfg.corpus_seed, cfg.pairs)
+            questions += corpus_questions(cfg.corpus_seed, cfg.eval_pairs, held_out=True)
+            answers = policy_answers(palm, tok, questions, seed=cfg.seed)
+            log.info("sampled the policy's answers to %d questions in %.0f s", len(answers),
+                     time.perf_counter() - t_sample)
         model = RewardModel(palm, num_binned_output=cfg.num_bins, copy_palm=False).train()
-        pairs = preference_pairs(cfg.corpus_seed, cfg.pairs)
-        eval_pairs = preference_pairs(cfg.corpus_seed, cfg.eval_pairs, held_out=True)
+        pairs = preference_pairs(cfg.corpus_seed, cfg.pairs, answers=answers)
+        eval_pairs = preference_pairs(cfg.corpus_seed, cfg.eval_pairs, held_out=True, answers=answers)
+        topical = [p for p in pairs if p.kind in ("off_topic", "sampled_off_topic")]
+        pools: dict[tuple[bool, int], list[Pair]] = {}
+        for first in (True, False):
+            for p in topical if first else pairs:
+                pools.setdefault((first, p.prompt.count("User:") - 1), []).append(p)
+        pools = {key: pool for key, pool in pools.items() if len(pool) >= cfg.batch_size}
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
         rng = random.Random(cfg.seed)
@@ -183,11 +260,17 @@ def train_reward_model(policy: str | Path, cfg: RewardTrainConfig, progress: boo
             if step < cfg.warmup_steps:
                 lr = cfg.lr * (step + 1) / cfg.warmup_steps
             else:
-                progress_ = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+                progress_ = max(0.0, (step - cfg.decay_from) / max(1, cfg.steps - cfg.decay_from))
                 lr = cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress_)))
             for group in opt.param_groups:
                 group["lr"] = lr
-            batch = rng.sample(pairs, cfg.batch_size)
+            # off-topic pairs alone first: the broken kinds are learnt in a few steps and push the
+            # intact answers into the top rating bin, where the expected rating no longer moves.
+            # A batch's pairs have as many earlier turns each: padding stays short
+            first = step < cfg.topic_first_steps
+            keys = [key for key in pools if key[0] == first]
+            key = rng.choices(keys, [len(pools[k]) for k in keys])[0]
+            batch = rng.sample(pools[key], cfg.batch_size)
             prompts = [p.prompt for p in batch] * 2
             scores = _scores(model, tok, prompts, [p.chosen for p in batch] + [p.rejected for p in batch])
             loss = bradley_terry_loss(scores[: cfg.batch_size], scores[cfg.batch_size :])
@@ -255,13 +338,18 @@ def load_reward_checkpoint(path: str | Path, dtype: Any = None):
 
 
 __all__ = [
+    "HISTORY_SHARE",
     "KIND_WEIGHTS",
+    "MAX_HISTORY",
     "REJECTION_KINDS",
+    "SAMPLED_SHARE",
     "Pair",
     "RewardTrainConfig",
     "build_reward_checkpoint",
+    "corpus_questions",
     "load_reward_checkpoint",
     "pair_accuracy",
+    "policy_answers",
     "preference_pairs",
     "train_reward_model",
 ]

@@ -36,6 +36,7 @@ def test_score_command_prints_the_service_scores_in_order(reward_addr):
     assert printed == pytest.approx(expected, abs=1e-4)
 
     j = cli("score", "--reward-addr", reward_addr, "--scorer", "sentiment", "--json", "--prompt", "", *responses)
+    assert j.returncode == 0, j.stderr
     obj = json.loads(j.stdout)
     assert obj["scorer"] == "sentiment" and obj["responses"] == responses
     assert obj["scores"][0] > 0 > obj["scores"][1]
