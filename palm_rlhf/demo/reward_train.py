@@ -56,9 +56,9 @@ class RewardTrainConfig:
     seed: int = 0
     corpus_seed: int = 2  # training questions of another sample than the policy's
     pairs: int = 8000
-    steps: int = 1000  # topic match is learnt late: the loss on off-topic pairs stays flat ~150 steps
+    steps: int = 1000  # topic match is learnt late: the loss on off-topic pairs stays flat for ~150 steps
     batch_size: int = 16  # pairs per step
-    lr: float = 3e-4  # 1e-3 never leaves chance on off-topic pairs
+    lr: float = 3e-4
     warmup_steps: int = 50
     sampled_pairs: bool = True  # add sampled_off_topic pairs of the policy's own answers
     topic_first_steps: int = 450  # steps on off-topic pairs only, before every kind is mixed in
@@ -264,8 +264,9 @@ def train_reward_model(policy: str | Path, cfg: RewardTrainConfig, progress: boo
                 lr = cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress_)))
             for group in opt.param_groups:
                 group["lr"] = lr
-            # off-topic pairs alone first: the broken kinds are learnt in a few steps and push the
-            # intact answers into the top rating bin, where the expected rating no longer moves.
+            # off-topic pairs alone first: mixed in from the start, the broken kinds (learnt in a
+            # few steps) left off-topic pairs near chance, likely by pushing the intact answers into
+            # the top rating bin, where the expected rating hardly moves.
             # A batch's pairs have as many earlier turns each: padding stays short
             first = step < cfg.topic_first_steps
             keys = [key for key in pools if key[0] == first]
