@@ -51,6 +51,13 @@ def _page() -> Iterator[Any]:
             browser.close()
 
 
+def _open_settings_with_key(page) -> None:
+    """Open the page's settings and enter the test gateway's API key, as a person would."""
+    page.click("#settings summary")
+    page.fill("#api-key", E2E_KEY)
+    page.dispatch_event("#api-key", "change")
+
+
 def _wait_for(fn, timeout: float = 20.0):
     deadline = time.monotonic() + timeout
     while True:
@@ -66,9 +73,7 @@ def test_chat_and_feedback_from_the_web_page(stack):
 
     with _page() as page:
         page.goto(stack.url + "/")
-        page.click("#settings summary")
-        page.fill("#api-key", E2E_KEY)
-        page.dispatch_event("#api-key", "change")
+        _open_settings_with_key(page)
         page.fill("#best-of", "3")
         page.fill("#max-tokens", "10")
         page.fill("#prompt", "What a lovely morning!")
@@ -132,9 +137,7 @@ def test_one_answer_streams_and_the_page_needs_no_emoji_font(stack):
         page.on("request", lambda r: r.url.endswith("/v1/chat/completions") and requests.append(r.post_data_json))
         page.goto(stack.url + "/")
         expect(page.locator("#reward-hint")).to_contain_text("Reward")
-        page.click("#settings summary")
-        page.fill("#api-key", E2E_KEY)
-        page.dispatch_event("#api-key", "change")
+        _open_settings_with_key(page)
         page.fill("#best-of", "1")
         page.fill("#max-tokens", "12")
         page.fill("#prompt", "How is your garden?")
@@ -189,9 +192,7 @@ def test_a_twelve_turn_conversation_keeps_its_history_and_says_when_old_turns_ar
         page.on("request", lambda r: r.method == "POST" and r.url.endswith("/v1/chat/completions")
                 and requests.append(r.post_data_json))  # fmt: skip
         page.goto(stack.url + "/")
-        page.click("#settings summary")
-        page.fill("#api-key", E2E_KEY)
-        page.dispatch_event("#api-key", "change")
+        _open_settings_with_key(page)
         page.fill("#max-tokens", str(ANSWER_TOKENS))
 
         typed: list[str] = []
