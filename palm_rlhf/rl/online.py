@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from palm_rlhf.chat import clean_response
 from palm_rlhf.generation import SamplingParams, generate_tokens
 from palm_rlhf.rl import losses as L
-from palm_rlhf.rl.feedback import PreferencePair, RatingExample
+from palm_rlhf.rl.feedback import PreferencePair, RatingExample, ThumbExample
 from palm_rlhf.rl.rollout import Rollout, pack_sequences
 from palm_rlhf.rl.update import UpdateConfig, policy_step, value_step
 
@@ -607,6 +607,34 @@ def split_pairs(examples: Sequence[Any], fraction: float) -> tuple[list[Any], li
     for x in examples:
         (held if pair_is_heldout(x, fraction) else train).append(x)
     return train, held
+
+
+def latest_thumbs(thumbs: Sequence[ThumbExample]) -> list[ThumbExample]:
+    """The last verdict on each shown answer (a person may change a thumb: the later row wins)."""
+    last: dict[tuple[str, int], ThumbExample] = {}
+    for t in sorted(thumbs, key=lambda t: t.feedback_id):
+        last[(t.completion_id, t.candidate_index)] = t
+    return sorted(last.values(), key=lambda t: t.feedback_id)
+
+
+def thumbs_as_ratings(thumbs: Sequence[ThumbExample], num_bins: int) -> list[RatingExample]:
+    """Thumbs as labels of the binned reward head: up is the top bin, down the bottom one. This
+    is what a thumb says alone; most thumbs in a chat are on prompts nobody else saw, so they
+    never meet an opposite verdict on the same prompt to make a pair."""
+    if num_bins < 2:
+        return []
+    return [RatingExample(t.prompt_text, t.prompt_token_ids, t.response, t.response_token_ids,
+                          num_bins - 1 if t.up else 0, t.feedback_id, t.heldout) for t in thumbs]
+
+
+def thumb_check_pairs(thumbs: Sequence[ThumbExample]) -> list[tuple[ThumbExample, ThumbExample]]:
+    """(liked, disliked) pairs to check a reward model on, from thumbs on different prompts:
+    each answer given a thumb down is matched with one given a thumb up, in feedback order, and
+    each thumb is used once (no two pairs share an answer). A reward model is right on a pair
+    when the liked answer scores higher, each scored on its own prompt."""
+    ups = [t for t in thumbs if t.up]
+    downs = [t for t in thumbs if not t.up]
+    return list(zip(ups, downs))
 
 
 @torch.no_grad()

@@ -67,6 +67,15 @@ def parse_scorer(spec: str) -> dict[str, float]:
     return out
 
 
+def reward_is_trained(metadata: dict[str, Any]) -> bool:
+    """From a reward version's manifest metadata: fitted on feedback by the loop, or trained on
+    preference pairs before it was shipped (its build recorded held-out pair accuracy, as the
+    demo reward model's does). A fresh head seeded on a policy's trunk is neither."""
+    if metadata.get("fitted_on_feedback") or int(metadata.get("train_pairs", 0) or 0) > 0:
+        return True
+    return bool((metadata.get("figures") or {}).get("heldout_pair_accuracy"))
+
+
 @dataclass
 class OnlineSettings:
     """Every knob of the loop. The trainer process reads them once, with the rest of its
@@ -400,49 +409,58 @@ class OnlineLoop:
     # -- step 2: reward model --------------------------------------------------------------
 
     def refit_reward(self, core: Any, data: dict[str, list[Any]]) -> dict[str, Any]:
-        """Refit the learned reward on the training side of the logged pairs and ratings,
-        warm-started from the last refit, and publish it when it beats the current reward
-        version on the held-out pairs with confidence (:func:`reward_publish_decision`)."""
+        """Refit the learned reward on the training side of the logged pairs, ratings and
+        thumbs (a thumb is a label of the top or bottom bin), warm-started from the last refit,
+        and publish it when it beats the current reward version on the held-out pairs and
+        held-out thumbs with confidence (:func:`reward_publish_decision`)."""
         import torch
 
         from palm_rlhf.reward import RewardModel
-        from palm_rlhf.rl.online import reward_publish_decision, split_pairs
+        from palm_rlhf.rl.online import (latest_thumbs, reward_publish_decision, split_pairs, thumb_check_pairs,
+                                         thumbs_as_ratings)
         from palm_rlhf.tokenizer import load_tokenizer
 
         s = self.settings
         pairs = [p for p in data["pair"] if p.chosen and p.rejected]
         train_pairs, held_pairs = split_pairs(pairs, s.heldout_fraction)
         train_ratings, _ = split_pairs(data["rating"], s.heldout_fraction)
+        train_thumbs, held_thumbs = split_pairs(latest_thumbs(data["thumb"]), s.heldout_fraction)
+        held_thumb_pairs = thumb_check_pairs(held_thumbs)
         current = core.reward_store.current()
         if current is None:
             return {"reward_published": 0.0, "reward_message": "the reward store is empty"}
-        if not train_pairs and not train_ratings:
-            return {"reward_published": 0.0, "reward_message": "no training pairs or ratings yet"}
+        if not train_pairs and not train_ratings and not train_thumbs:
+            return {"reward_published": 0.0, "reward_message": "no training pairs, ratings or thumbs yet"}
         served, manifest = RewardModel.from_checkpoint(core.reward_store.path(current), device=self.device)
         served = served.float().eval()
+        train_ratings = train_ratings + thumbs_as_ratings(train_thumbs, served.num_binned_output)
         tok = load_tokenizer(manifest.get("tokenizer"))
         candidate = copy.deepcopy(served)
         warm = self._load_refit_state(candidate, s.reward_refit_mode)
         t0 = time.monotonic()
         if s.reward_refit_mode == "head":
-            before, after, stats = self._refit_head(served, candidate, tok, train_pairs, held_pairs, train_ratings)
+            before, after, stats = self._refit_head(served, candidate, tok, train_pairs, held_pairs, train_ratings,
+                                                    held_thumb_pairs)
         else:
             before, after, stats = self._refit_lora(served, candidate, tok, train_pairs, held_pairs, train_ratings,
-                                                    seed=s.seed + len(pairs))
+                                                    held_thumb_pairs, seed=s.seed + len(pairs))
         self._save_refit_state(candidate, s.reward_refit_mode)
         baseline = before
-        if not self._reward_fitted(core):
-            # the seeded head was never fitted: whatever it gets right is luck, so the first
+        if not self._reward_trained(core):
+            # the seeded head was never trained: whatever it gets right is luck, so the first
             # refit must beat chance (a coin, one half per pair), not that luck
             baseline = [0.5] * len(after)
         ok, why = reward_publish_decision(baseline, after, s.reward_min_heldout, s.reward_alpha)
         if baseline is not before:
-            why += " (against chance: the current reward was never fitted on feedback)"
-        n = max(len(held_pairs), 1)
-        acc_b, acc_a = (sum(before) / n, sum(after) / n) if held_pairs else (float("nan"), float("nan"))
+            why += " (against chance: the current reward was never trained)"
+        n_held = len(held_pairs) + len(held_thumb_pairs)
+        acc_b, acc_a = (sum(before) / n_held, sum(after) / n_held) if n_held else (float("nan"), float("nan"))
         out: dict[str, Any] = {"reward_heldout_accuracy_before": acc_b, "reward_heldout_accuracy_after": acc_a,
-                               "reward_heldout_pairs": float(len(held_pairs)), "reward_train_pairs": float(len(train_pairs)),
-                               "reward_train_ratings": float(len(train_ratings)), "reward_warm_start": float(warm),
+                               "reward_heldout_pairs": float(len(held_pairs)),
+                               "reward_heldout_thumb_pairs": float(len(held_thumb_pairs)),
+                               "reward_train_pairs": float(len(train_pairs)),
+                               "reward_train_ratings": float(len(train_ratings) - len(train_thumbs)),
+                               "reward_train_thumbs": float(len(train_thumbs)), "reward_warm_start": float(warm),
                                "reward_refit_seconds": time.monotonic() - t0, **stats}
         if not ok:
             log.info("reward refit not published: %s", why)
@@ -452,7 +470,8 @@ class OnlineLoop:
                 candidate, candidate.palm.config, parent=current, tokenizer=manifest.get("tokenizer"),
                 metadata={"reward_head": candidate.head_config(), "heldout_accuracy": acc_a,
                           "parent_heldout_accuracy": acc_b, "heldout_pairs": len(held_pairs),
-                          "train_pairs": len(train_pairs), "train_ratings": len(train_ratings),
+                          "heldout_thumb_pairs": len(held_thumb_pairs), "train_pairs": len(train_pairs),
+                          "train_ratings": len(train_ratings) - len(train_thumbs), "train_thumbs": len(train_thumbs),
                           "fitted_on_feedback": True, "refit_mode": s.reward_refit_mode},
             )
         try:
@@ -463,8 +482,9 @@ class OnlineLoop:
         log.info("published reward %s: %s", version, why)
         return {**out, "reward_published": 1.0, "reward_version_published": version, "reward_message": why}
 
-    def _refit_head(self, served, candidate, tok, train_pairs, held_pairs, train_ratings):
-        """Head-only refit on cached trunk features: returns (before, after, stats)."""
+    def _refit_head(self, served, candidate, tok, train_pairs, held_pairs, train_ratings, held_thumb_pairs=()):
+        """Head-only refit on cached trunk features: returns (before, after, stats); before and
+        after score the held-out pairs, then the held-out (liked, disliked) thumb pairs."""
         import torch
 
         from palm_rlhf.rl.online import HeadFitConfig, fit_reward_head, head_pair_correct, reward_features
@@ -478,8 +498,10 @@ class OnlineLoop:
         def feats(prompts, responses):
             return reward_features(served, tok, prompts, responses, cache=cache)
 
-        hc = feats([p.prompt_text for p in held_pairs], [p.chosen for p in held_pairs])
-        hr = feats([p.prompt_text for p in held_pairs], [p.rejected for p in held_pairs])
+        hc = feats([p.prompt_text for p in held_pairs] + [u.prompt_text for u, _ in held_thumb_pairs],
+                   [p.chosen for p in held_pairs] + [u.response for u, _ in held_thumb_pairs])
+        hr = feats([p.prompt_text for p in held_pairs] + [d.prompt_text for _, d in held_thumb_pairs],
+                   [p.rejected for p in held_pairs] + [d.response for _, d in held_thumb_pairs])
         tc = feats([p.prompt_text for p in train_pairs], [p.chosen for p in train_pairs])
         tr = feats([p.prompt_text for p in train_pairs], [p.rejected for p in train_pairs])
         rf = feats([e.prompt_text for e in train_ratings], [e.response for e in train_ratings])
@@ -493,17 +515,20 @@ class OnlineLoop:
                                           if train_pairs else float("nan"))
         return before, head_pair_correct(candidate, hc, hr), stats
 
-    def _refit_lora(self, served, candidate, tok, train_pairs, held_pairs, train_ratings, seed: int):
+    def _refit_lora(self, served, candidate, tok, train_pairs, held_pairs, train_ratings, held_thumb_pairs=(),
+                    seed: int = 0):
         """The slower refit of the head and the reward LoRA (REWARD_REFIT_MODE=lora)."""
         from palm_rlhf.rl.online import RewardRefitConfig, refit_reward_model, reward_scores
 
         s = self.settings
+        good = [(p.prompt_text, p.chosen) for p in held_pairs] + [(u.prompt_text, u.response) for u, _ in held_thumb_pairs]
+        bad = [(p.prompt_text, p.rejected) for p in held_pairs] + [(d.prompt_text, d.response) for _, d in held_thumb_pairs]
 
         def correct(model):
-            if not held_pairs:
+            if not good:
                 return []
-            ch = reward_scores(model, tok, [p.prompt_text for p in held_pairs], [p.chosen for p in held_pairs])
-            rj = reward_scores(model, tok, [p.prompt_text for p in held_pairs], [p.rejected for p in held_pairs])
+            ch = reward_scores(model, tok, [p for p, _ in good], [r for _, r in good])
+            rj = reward_scores(model, tok, [p for p, _ in bad], [r for _, r in bad])
             return [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(ch.tolist(), rj.tolist())]
 
         before = correct(served)
@@ -549,13 +574,14 @@ class OnlineLoop:
                   str(tmp))
         os.replace(tmp, path)
 
-    def _reward_fitted(self, core: Any) -> bool:
-        """Whether the current learned reward was fitted on feedback (not the seeded head)."""
+    def _reward_trained(self, core: Any) -> bool:
+        """Whether the current learned reward was trained at all: fitted on feedback, or trained
+        on preference pairs before it was shipped (the demo reward model). A seeded fresh head
+        on a policy's trunk is neither: it ranks at random."""
         current = core.reward_store.current()
         if current is None:
             return False
-        meta = core.reward_store.manifest(current).get("metadata") or {}
-        return bool(meta.get("fitted_on_feedback")) or int(meta.get("train_pairs", 0) or 0) > 0
+        return reward_is_trained(core.reward_store.manifest(current).get("metadata") or {})
 
     # -- step 3 and 4: policy -------------------------------------------------------------
 
@@ -581,9 +607,9 @@ class OnlineLoop:
         current = core.policy_store.current()
         if current is None:
             return None, {"message": "the policy store is empty", "outcome": "nothing to learn"}
-        if "learned" in parse_scorer(s.reward_scorer) and not self._reward_fitted(core):
+        if "learned" in parse_scorer(s.reward_scorer) and not self._reward_trained(core):
             return None, {"message": "waiting for a learned reward fitted on feedback (the seeded reward head "
-                                     "ranks at random; the policy does not train against it)",
+                                     "was never trained and ranks at random; the policy does not train against it)",
                           "outcome": "waiting"}
         palm, manifest = load_palm(core.policy_store.path(current), device=self.device, dtype=torch.float32)
         tok = load_tokenizer(manifest.get("tokenizer"))

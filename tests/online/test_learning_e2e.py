@@ -12,34 +12,15 @@ update goes the wrong way (the gate then rejects every candidate)."""
 from __future__ import annotations
 
 import math
-import os
 import re
-import socket
-import subprocess
-import sys
-import threading
-import time
 
 import pytest
 
 from palm_rlhf.demo.taste import run_raters
 
+from .up_process import up_on_defaults
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _demo_checkpoint_or_skip() -> None:
-    from palm_rlhf.demo import demo_checkpoint_dir
-
-    try:
-        demo_checkpoint_dir(build_if_missing=False)
-    except FileNotFoundError as e:  # it ships with the package: missing is a packaging bug
-        pytest.fail(f"the shipped demo checkpoint is missing: {e}")
 
 
 def _two_proportion_z(p1: float, n1: int, p2: float, n2: int) -> float:
@@ -49,47 +30,15 @@ def _two_proportion_z(p1: float, n1: int, p2: float, n2: int) -> float:
 
 
 def test_up_on_its_defaults_learns_what_hidden_raters_prefer(tmp_path):
-    _demo_checkpoint_or_skip()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PALM_RLHF_")}  # the defaults, nothing else
-    env["PYTHONUNBUFFERED"] = "1"
-    port = _free_port()
-    cmd = [sys.executable, "-m", "palm_rlhf.cli", "up", "--data-dir", str(tmp_path / "data"), "--port", str(port),
-           "--free-ports"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def pump() -> None:
-        for line in proc.stdout:
-            lines.append(line.rstrip("\n"))
-            if "| ready: " in line:
-                ready.set()
-
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
-    try:
-        deadline = time.monotonic() + 600
-        while not ready.wait(0.5):
-            assert proc.poll() is None, "up exited:\n" + "\n".join(lines[-40:])
-            assert time.monotonic() < deadline, "up did not become ready:\n" + "\n".join(lines[-40:])
-
+    with up_on_defaults(tmp_path / "data") as (url, lines):
         def settled(ms) -> bool:  # a new policy version, measured while it alone was served
             return ms[-1].policy_version not in (ms[0].policy_version, "") and "+" not in ms[-1].policy_version
 
         def second_version(ms) -> bool:  # two published rounds: the measure is then well clear of noise
             return settled(ms) and int(ms[-1].policy_version.lstrip("v")) >= 3
 
-        result = run_raters(f"http://127.0.0.1:{port}", taste="when", minutes=12, raters=4, measure_prompts=24,
+        result = run_raters(url, taste="when", minutes=12, raters=4, measure_prompts=24,
                             measure_samples=2, seed=0, stop_when=second_version, say=print)
-    finally:
-        proc.send_signal(2)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
-        reader.join(timeout=5)
     rounds = [ln for ln in lines if re.search(r"services\.trainer\.core: round \d+:", ln)]
     print("\n".join(rounds))
     first = result.measurements[0]

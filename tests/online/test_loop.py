@@ -154,6 +154,66 @@ def test_the_first_refit_is_compared_with_chance_and_later_ones_with_the_fitted_
     assert core.reward_store.versions() == ["v0001", "v0002"]
 
 
+def _thumbs_on_a_chat(feedback_store, liked: str, disliked: str, n: int = 60, flip_training: bool = False):
+    """One shown answer per prompt and a thumb on it, every prompt different (as in a chat: each
+    turn's prompt holds the whole conversation so far), so no two thumbs ever make a pair."""
+    from palm_rlhf.rl.online import pair_is_heldout
+    from palm_rlhf.rl.feedback import ThumbExample
+
+    for i in range(n):
+        answer = liked if i % 2 == 0 else disliked
+        prompt = f"question number {i}, after {i} earlier turns?"
+        rec = add_completion(feedback_store, prompt, [answer])
+        up = answer == liked
+        probe = ThumbExample(rec.prompt_text, [], answer, [], up, 0, rec.id, 0)
+        if flip_training and not pair_is_heldout(probe, 0.5):
+            up = not up  # the training side says the opposite of the held-out side
+        feedback_store.add_feedback(rec.id, kind="thumbs", choice_index=0, value=1 if up else -1)
+
+
+@pytest.mark.parametrize("held_out_agrees_with_training", [True, False])
+def test_thumbs_alone_on_prompts_never_repeated_refit_the_reward(tmp_path, feedback_store,
+                                                                  held_out_agrees_with_training):
+    a, b = "sunny and bright", "grey rain all day"
+    clients = LocalClients(tiny_palm(0), len)
+    loop = make_loop(tmp_path, feedback_store, clients, reward_steps=200, reward_min_heldout=4)
+    model, tok = _reward_model(tmp_path)
+    probe = [f"User: question {i}\nAssistant:" for i in range(20)]
+    liked, disliked = (b, a) if pairwise_accuracy(model, tok, _pairs(probe, a, b)) > 0.5 else (a, b)
+    _thumbs_on_a_chat(feedback_store, liked, disliked, flip_training=not held_out_agrees_with_training)
+    loop.ingest(loop.files.load_state())
+    data = loop.files.load_data()
+    assert data["pair"] == [] and len(data["thumb"]) == 60  # no thumb met another on its prompt
+    core = StoreCore(tmp_path)
+    out = loop.refit_reward(core, data)
+    assert out["reward_train_thumbs"] > 15 and out["reward_heldout_thumb_pairs"] >= 4
+    assert out["reward_heldout_pairs"] == 0.0
+    if held_out_agrees_with_training:
+        assert out["reward_published"] == 1.0 and out["reward_heldout_accuracy_after"] == 1.0
+        assert core.reward_store.current() == "v0002" and clients.loaded == ["v0002"]
+        fresh, _ = _reward_model(tmp_path)  # read back: liked answers now score higher on new prompts
+        assert pairwise_accuracy(fresh, tok, _pairs(probe, liked, disliked)) == 1.0
+        assert core.reward_store.manifest("v0002")["metadata"]["train_thumbs"] == out["reward_train_thumbs"]
+    else:
+        assert out["reward_heldout_accuracy_after"] < 0.5
+        assert out["reward_published"] == 0.0 and core.reward_store.versions() == ["v0001"]
+
+
+def test_a_changed_thumb_counts_once_with_its_last_verdict_and_check_pairs_use_each_thumb_once():
+    from palm_rlhf.rl.feedback import ThumbExample
+    from palm_rlhf.rl.online import latest_thumbs, thumb_check_pairs, thumbs_as_ratings
+
+    t = [ThumbExample("p1", [], "x", [], True, 1, "c1", 0), ThumbExample("p2", [], "y", [], False, 2, "c2", 0),
+         ThumbExample("p1", [], "x", [], False, 3, "c1", 0), ThumbExample("p3", [], "z", [], True, 4, "c3", 1),
+         ThumbExample("p4", [], "w", [], True, 5, "c4", 0)]
+    last = latest_thumbs(t)
+    assert [(x.completion_id, x.up) for x in last] == [("c2", False), ("c1", False), ("c3", True), ("c4", True)]
+    assert [r.label for r in thumbs_as_ratings(last, 5)] == [0, 0, 4, 4]
+    assert thumbs_as_ratings(last, 0) == []  # a scalar head has no bins to label
+    pairs = thumb_check_pairs(last)
+    assert [(u.completion_id, d.completion_id) for u, d in pairs] == [("c3", "c2"), ("c4", "c1")]
+
+
 def test_the_refit_continues_from_the_last_refit_even_when_it_was_not_published(tmp_path, feedback_store):
     make_stores(tmp_path)
     prompts = [f"User: question {i}\nAssistant:" for i in range(12)]
@@ -168,13 +228,47 @@ def test_the_refit_continues_from_the_last_refit_even_when_it_was_not_published(
     assert second["reward_loss_first"] < first["reward_loss_first"] - 1e-4
 
 
-def test_the_policy_does_not_train_against_a_learned_reward_never_fitted_on_feedback(tmp_path, feedback_store):
+def test_the_policy_does_not_train_against_a_learned_reward_never_trained(tmp_path, feedback_store):
     loop = make_loop(tmp_path, feedback_store, reward_scorer="learned", reward_refit=False, **OPEN_GATE)
     give_feedback(feedback_store, 8)
     core = StoreCore(tmp_path)
     version, metrics = loop(core)
     assert version is None and core.policy_store.versions() == ["v0001"]
     assert metrics["outcome"] == "waiting" and "fitted on feedback" in metrics["message"]
+
+
+def test_the_policy_trains_at_once_against_a_reward_trained_before_it_was_shipped(tmp_path, feedback_store):
+    from palm_rlhf.checkpoint import CheckpointStore
+    from palm_rlhf.reward import RewardModel
+
+    make_stores(tmp_path)
+    st = CheckpointStore(tmp_path / "checkpoints", "reward")
+    rm, _ = RewardModel.from_checkpoint(st.path("v0001"))
+    # as the demo reward model's build records it: it was trained on preference pairs
+    st.save(rm, rm.palm.config, tokenizer={"kind": "byte"}, parent="v0001",
+            metadata={"reward_head": rm.head_config(), "figures": {"heldout_pair_accuracy": {"all": 0.9}}})
+    loop = make_loop(tmp_path, feedback_store, reward_scorer="learned", reward_refit=False, **OPEN_GATE)
+    give_feedback(feedback_store, 8)
+    core = StoreCore(tmp_path)
+    version, metrics = loop(core)
+    assert version == "v0002" and metrics["outcome"] == "published"
+
+
+def test_the_shipped_demo_reward_counts_as_trained_and_a_fresh_head_does_not(tmp_path):
+    from palm_rlhf.checkpoint import CheckpointStore
+    from palm_rlhf.demo import demo_checkpoint_dir
+    from services.reward.core import init_reward_store
+    from services.trainer.loop import reward_is_trained
+
+    demo = CheckpointStore(tmp_path / "demo", "reward")
+    v = init_reward_store(demo, demo_checkpoint_dir(build_if_missing=False))
+    assert reward_is_trained(demo.manifest(v)["metadata"])  # up seeds this one: the policy trains at once
+    make_stores(tmp_path / "tiny")
+    tiny_policy = CheckpointStore(tmp_path / "tiny" / "checkpoints", "policy")
+    fresh = CheckpointStore(tmp_path / "fresh", "reward")
+    v = init_reward_store(fresh, tiny_policy.path(tiny_policy.current()))
+    assert not reward_is_trained(fresh.manifest(v)["metadata"])
+    assert reward_is_trained({"fitted_on_feedback": True}) and not reward_is_trained({"figures": {}})
 
 
 def test_a_round_trains_gates_and_publishes_with_parent_and_gate_metrics(tmp_path, feedback_store):
