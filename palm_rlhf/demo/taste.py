@@ -56,6 +56,20 @@ def split_prompts(seed: int = 0, measure: int = 48) -> tuple[list[str], list[str
     return pool[: len(pool) - measure], pool[len(pool) - measure :]
 
 
+def _post(http: Any, path: str, body: dict[str, Any], attempts: int = 20) -> Any:
+    """POST as a polite client: a 429 (the gateway's per-client rate limit, which several
+    raters from one address share) is waited out for its Retry-After and sent again."""
+    for _ in range(attempts - 1):
+        r = http.post(path, json=body)
+        if r.status_code != 429:
+            break
+        time.sleep(float(r.headers.get("Retry-After", "1")))
+    else:
+        r = http.post(path, json=body)
+    r.raise_for_status()
+    return r
+
+
 @dataclass
 class Rater:
     """One simulated person: asks ``best_of`` candidates and clicks on all of them."""
@@ -69,23 +83,22 @@ class Rater:
 
     def chat(self, http: Any) -> dict[str, int]:
         question = self.rng.choice(list(self.prompts))
-        r = http.post("/v1/chat/completions", json={
+        r = _post(http, "/v1/chat/completions", {
             "messages": [{"role": "user", "content": question}], "n": self.best_of, "best_of": self.best_of,
             "max_tokens": self.max_tokens, "seed": self.rng.randrange(2**31), "user": self.user,
         })
-        r.raise_for_status()
         body = r.json()
         verdicts = [(c["index"], likes(self.taste, c["message"]["content"])) for c in body["choices"]]
         sent = {"chats": 1, "thumbs": 0, "preferences": 0, "liked": sum(v for _, v in verdicts)}
         for index, liked in verdicts:
-            http.post("/v1/feedback", json={"completion_id": body["id"], "choice_index": index,
-                                            "thumbs": "up" if liked else "down"}).raise_for_status()
+            _post(http, "/v1/feedback", {"completion_id": body["id"], "choice_index": index,
+                                         "thumbs": "up" if liked else "down"})
             sent["thumbs"] += 1
         good = [i for i, v in verdicts if v]
         bad = [i for i, v in verdicts if not v]
         if good and bad:
-            http.post("/v1/feedback", json={"completion_id": body["id"], "preferred_index": self.rng.choice(good),
-                                            "rejected_index": self.rng.choice(bad)}).raise_for_status()
+            _post(http, "/v1/feedback", {"completion_id": body["id"], "preferred_index": self.rng.choice(good),
+                                         "rejected_index": self.rng.choice(bad)})
             sent["preferences"] += 1
         return sent
 
@@ -107,11 +120,10 @@ def measure(http: Any, taste: str, prompts: Sequence[str], *, best_of: int = 4, 
     liked, texts, versions, rewards = 0, [], set(), set()
     for i, q in enumerate(prompts):
         for j in range(samples):
-            r = http.post("/v1/chat/completions", json={
+            r = _post(http, "/v1/chat/completions", {
                 "messages": [{"role": "user", "content": q}], "n": 1, "best_of": best_of,
                 "max_tokens": max_tokens, "seed": seed + 1000 * i + j, "user": "measure",
             })
-            r.raise_for_status()
             body = r.json()
             text = body["choices"][0]["message"]["content"]
             versions.add(body.get("policy_version", ""))
@@ -124,9 +136,8 @@ def measure(http: Any, taste: str, prompts: Sequence[str], *, best_of: int = 4, 
 
 def served_versions(http: Any) -> tuple[str, str]:
     """(policy, reward) versions the gateway serves now, from a one-token completion."""
-    r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}],
-                                                "max_tokens": 1, "user": "measure"})
-    r.raise_for_status()
+    r = _post(http, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
+                                             "max_tokens": 1, "user": "measure"})
     body = r.json()
     return body.get("policy_version", ""), body.get("reward_version", "")
 

@@ -6,8 +6,9 @@ told: they only chat through the gateway and click thumbs and "this one is bette
 measures the share of served answers they like on questions they never asked, with fixed
 seeds, before and after; it needs a new policy version to be served and the share to rise
 beyond chance. It fails when rounds do not start by themselves, when the reward refit is
-skipped or never published (the policy then waits for a fitted reward), and when the policy
-update goes the wrong way (the gate then rejects every candidate)."""
+skipped or never published (the policy then trains against the shipped reward model alone, which
+ranks by topic and knows nothing of their taste: new versions are served, the share stays put),
+and when the policy update goes the wrong way (the gate then rejects every candidate)."""
 
 from __future__ import annotations
 
