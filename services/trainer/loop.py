@@ -416,8 +416,13 @@ class OnlineLoop:
         import torch
 
         from palm_rlhf.reward import RewardModel
-        from palm_rlhf.rl.online import (latest_thumbs, reward_publish_decision, split_pairs, thumb_check_pairs,
-                                         thumbs_as_ratings)
+        from palm_rlhf.rl.online import (
+            latest_thumbs,
+            reward_publish_decision,
+            split_pairs,
+            thumb_check_pairs,
+            thumbs_as_ratings,
+        )
         from palm_rlhf.tokenizer import load_tokenizer
 
         s = self.settings

@@ -157,8 +157,8 @@ def test_the_first_refit_is_compared_with_chance_and_later_ones_with_the_fitted_
 def _thumbs_on_a_chat(feedback_store, liked: str, disliked: str, n: int = 60, flip_training: bool = False):
     """One shown answer per prompt and a thumb on it, every prompt different (as in a chat: each
     turn's prompt holds the whole conversation so far), so no two thumbs ever make a pair."""
-    from palm_rlhf.rl.online import pair_is_heldout
     from palm_rlhf.rl.feedback import ThumbExample
+    from palm_rlhf.rl.online import pair_is_heldout
 
     for i in range(n):
         answer = liked if i % 2 == 0 else disliked
