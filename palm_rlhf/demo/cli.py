@@ -194,7 +194,17 @@ def _register_users(subparsers: Any) -> None:
         "share of served answers they like is measured on questions they never asked, for every policy version "
         "the gateway serves. Start the system first (bash scripts/up.sh).",
     )
-    users.add_argument("--url", default="http://127.0.0.1:8000", help="gateway URL (default http://127.0.0.1:8000)")
+    from pathlib import Path
+
+    from services.common.config import flag
+
+    flag(users, "--url", dest="gateway_url", default="http://127.0.0.1:8000",
+         help="gateway URL (PALM_RLHF_GATEWAY_URL); default: the gateway of the 'palm-rlhf up' running on "
+              "--data-dir, else http://127.0.0.1:8000")
+    flag(users, "--data-dir", type=Path, default=Path("./data"),
+         help="data directory of a running 'palm-rlhf up', whose DATA_DIR/addresses.json gives the gateway "
+              "URL when none is set (PALM_RLHF_DATA_DIR, default ./data)")
+    flag(users, "--api-key", default=None, help="API key, when the gateway requires one (PALM_RLHF_API_KEY)")
     users.add_argument("--taste", default="when", choices=("when", "calm"), help="what the raters like")
     users.add_argument("--minutes", type=float, default=25.0, help="how long they chat (default 25)")
     users.add_argument("--raters", type=int, default=4, help="simulated people chatting at once (default 4)")
@@ -209,8 +219,11 @@ def run_demo_users(args: Any) -> int:
     from pathlib import Path
 
     from palm_rlhf.demo.taste import run_raters, save_result
+    from services.common.settings import ClientSettings, build_settings
 
-    result = run_raters(args.url, taste=args.taste, minutes=args.minutes, raters=args.raters,
+    settings = build_settings(ClientSettings, args)
+    print(f"raters chat with {settings.gateway_url}{settings.where('gateway_url')}", flush=True)
+    result = run_raters(settings.gateway_url, api_key=settings.api_key, taste=args.taste, minutes=args.minutes, raters=args.raters,
                         measure_prompts=args.measure_prompts, measure_samples=args.measure_samples, seed=args.seed)
     if args.out:
         save_result(result, Path(args.out))

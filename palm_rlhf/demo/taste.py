@@ -156,10 +156,11 @@ class SessionResult:
 def run_raters(url: str, *, taste: str = "when", minutes: float = 25.0, raters: int = 4, best_of: int = 4,
                measure_prompts: int = 48, measure_samples: int = 2, measure_best_of: int = 4,
                max_tokens: int = 48, seed: int = 0, stop_when: Callable[[list[Measurement]], bool] | None = None,
-               say: Callable[[str], None] = print, timeout: float = 300.0) -> SessionResult:
+               say: Callable[[str], None] = print, timeout: float = 300.0,
+               api_key: str | None = None) -> SessionResult:
     """Raters chat and click for ``minutes``; whenever the gateway serves a new policy or reward
     version (the reward ranks the best-of-n candidates) the measurement runs on it. Returns every
-    measurement (the first is of the starting versions)."""
+    measurement (the first is of the starting versions). ``api_key``: when the gateway wants one."""
     import logging
 
     import httpx
@@ -175,9 +176,10 @@ def run_raters(url: str, *, taste: str = "when", minutes: float = 25.0, raters: 
     chatting = threading.Event()  # cleared while a measurement runs, so that it measures alone
     chatting.set()
     errors: list[BaseException] = []
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     def chat_loop(person: Rater) -> None:
-        with httpx.Client(base_url=url, timeout=timeout) as http:
+        with httpx.Client(base_url=url, timeout=timeout, headers=headers) as http:
             while not stop.is_set():
                 if not chatting.wait(0.5):
                     continue
@@ -191,7 +193,7 @@ def run_raters(url: str, *, taste: str = "when", minutes: float = 25.0, raters: 
                     for k, v in sent.items():
                         counts[k] += v
 
-    with httpx.Client(base_url=url, timeout=timeout) as http:
+    with httpx.Client(base_url=url, timeout=timeout, headers=headers) as http:
         def take() -> Measurement:
             chatting.clear()
             try:

@@ -80,6 +80,12 @@ def test_cli_clients_find_the_services_of_up_on_free_ports(tmp_path):
                 "--once", "hello")
         assert r.returncode == 0, r.stdout + r.stderr
         assert json.loads(r.stdout)["id"].startswith("chatcmpl-")
+        # and the simulated raters (gateway): one short session, measured on one question
+        r = cli("demo-users", "--data-dir", str(data), "--minutes", "0.02", "--raters", "1", "--measure-prompts", "1",
+                "--measure-samples", "1")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert f"raters chat with {gateway_url} (from {path})" in r.stdout, r.stdout
+        assert "raters like" in r.stdout, r.stdout
 
         up.proc.send_signal(signal.SIGINT)
         assert up.proc.wait(60) == 0
