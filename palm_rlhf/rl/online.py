@@ -162,6 +162,11 @@ class GateConfig:
     # (1.645: one-sided 95% under a normal approximation) and a mean gain >= min_reward_gain
     reward_confidence: float = 1.645
     min_reward_gain: float = 0.0
+    # and it must be better on more of the prompts whose rewards differ: one-sided sign test
+    # p <= sign_alpha (5 of 5, 6 of 7, 7 of 9...; 1 turns it off). Both policies sample with the
+    # same seeds, so on most prompts a small step leaves the answers, and the difference, at
+    # exactly zero; the t statistic alone then rests on the few prompts that did change.
+    sign_alpha: float = 0.05
     kl_budget: float = 12.0  # most KL(candidate || reference) in nats per response
     min_length_ratio: float = 0.5  # mean length within [ratio_min, ratio_max] x the current one
     max_length_ratio: float = 2.0
@@ -193,18 +198,31 @@ def gate(candidate: PolicyEval, current: PolicyEval, cfg: GateConfig) -> GateDec
             reasons.append(why)
 
     gain, t = paired_gain(candidate.rewards, current.rewards)
+    wins = losses = 0
+    sign_p = 0.0
     if not math.isfinite(gain):  # no per-prompt rewards: compare the means (no confidence)
         gain, t = candidate.mean_reward - current.mean_reward, math.inf
+    else:
+        wins = sum(a - b > 1e-9 for a, b in zip(candidate.rewards, current.rewards))
+        losses = sum(b - a > 1e-9 for a, b in zip(candidate.rewards, current.rewards))
+        sign_p = sign_test_p(wins, losses)
+    if gain <= cfg.min_reward_gain:
+        why = (f"reward {candidate.mean_reward:.4f} is not above the current {current.mean_reward:.4f} "
+               f"(paired gain {gain:+.4f})")
+    elif t < cfg.reward_confidence:
+        why = (f"reward did not improve with confidence: {candidate.mean_reward:.4f} vs the current "
+               f"{current.mean_reward:.4f} (paired gain {gain:+.4f}, t {t:.2f} < {cfg.reward_confidence})")
+    else:
+        why = (f"reward did not improve with confidence: {candidate.mean_reward:.4f} vs the current "
+               f"{current.mean_reward:.4f} (paired gain {gain:+.4f}, t {t:.2f}, but better on only {wins} and worse "
+               f"on {losses} of {len(candidate.rewards)} prompts, sign test p={sign_p:.3f} > {cfg.sign_alpha})")
     check(
         "reward",
         math.isfinite(candidate.mean_reward)
         and gain > cfg.min_reward_gain
-        and t >= cfg.reward_confidence,
-        f"reward did not improve with confidence: {candidate.mean_reward:.4f} vs the current "
-        f"{current.mean_reward:.4f} (paired gain {gain:+.4f}, t {t:.2f} < {cfg.reward_confidence})"
-        if gain > cfg.min_reward_gain
-        else f"reward {candidate.mean_reward:.4f} is not above the current {current.mean_reward:.4f} "
-        f"(paired gain {gain:+.4f})",
+        and t >= cfg.reward_confidence
+        and sign_p <= cfg.sign_alpha,
+        why,
     )
     check(
         "kl",

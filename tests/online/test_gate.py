@@ -61,6 +61,27 @@ def test_the_reward_must_improve_with_confidence_on_the_same_prompts():
     assert not gate(ev(mean_reward=math.nan), ev(), CFG).checks["reward"]
 
 
+def test_a_gain_carried_by_the_few_prompts_whose_answers_changed_is_not_confidence():
+    # same seeds: a small step leaves 9 of 12 answers (and rewards) exactly as they were; three
+    # that changed for the better give a paired t over 1.645, but 3 of 3 is no evidence (p = 1/8)
+    cur = [2.0, 1.5, 3.0, 2.5, 0.5, 3.5, 2.0, 1.0, 3.0, 2.5, 1.5, 2.0]
+    cand = [*cur[:9], cur[9] + 2.4, cur[10] + 2.4, cur[11] + 2.4]
+    mean, t = paired_gain(cand, cur)
+    assert mean > 0 and t > 1.645
+    d = gate(ev(mean_reward=sum(cand) / 12, rewards=cand), ev(mean_reward=sum(cur) / 12, rewards=cur), CFG)
+    assert not d.checks["reward"] and "better on only 3 and worse on 0 of 12 prompts" in d.message
+    assert "p=0.125" in d.message
+    # five changed prompts, all better, are enough (p = 1/32); one of them worse is not (6 of 7 is)
+    five = [*cur[:7], *(r + 2.4 for r in cur[7:])]
+    assert gate(ev(mean_reward=sum(five) / 12, rewards=five), ev(mean_reward=sum(cur) / 12, rewards=cur), CFG).passed
+    mixed = [*cur[:7], cur[7] - 0.1, *(r + 2.4 for r in cur[8:])]
+    d = gate(ev(mean_reward=sum(mixed) / 12, rewards=mixed), ev(mean_reward=sum(cur) / 12, rewards=cur), CFG)
+    assert not d.checks["reward"] and "sign test p=0.188" in d.message
+    # and it can be turned off
+    off = GateConfig(reward_confidence=1.645, kl_budget=5.0, min_pairs=4, sign_alpha=1.0)
+    assert gate(ev(mean_reward=sum(cand) / 12, rewards=cand), ev(mean_reward=sum(cur) / 12, rewards=cur), off).passed
+
+
 def test_paired_gain_is_the_mean_difference_and_its_t_statistic():
     assert paired_gain([1.0, 2.0, 3.0], [1.0, 2.0, 3.0]) == (0.0, 0.0)
     assert paired_gain([2.0, 3.0], [1.0, 2.0]) == (1.0, math.inf)
