@@ -41,8 +41,13 @@ class SlowBackends(FakeBackends):
     async def generate_stream(self, prompt_text, n, params):
         self.started.set()
         try:
+            first = True
             async for ev in super().generate_stream(prompt_text, n, params):
-                await asyncio.sleep(self.hold_s / 20)
+                # the first frame at once, then hold_s per frame: a stream of a few frames outlasts
+                # any wait for a disconnect, even on a loaded machine
+                if not first:
+                    await asyncio.sleep(self.hold_s)
+                first = False
                 yield ev
         except (asyncio.CancelledError, GeneratorExit):
             self.cancelled.set()
