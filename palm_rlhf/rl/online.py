@@ -162,11 +162,12 @@ class GateConfig:
     # (1.645: one-sided 95% under a normal approximation) and a mean gain >= min_reward_gain
     reward_confidence: float = 1.645
     min_reward_gain: float = 0.0
-    # and it must be better on more of the prompts whose rewards differ: one-sided sign test
-    # p <= sign_alpha (5 of 5, 6 of 7, 7 of 9...; 1 turns it off). Both policies sample with the
-    # same seeds, so on most prompts a small step leaves the answers, and the difference, at
-    # exactly zero; the t statistic alone then rests on the few prompts that did change.
-    sign_alpha: float = 0.05
+    # and a one-sided Wilcoxon signed-rank test over the prompts whose rewards differ must give
+    # p <= rank_alpha (1 turns it off; at least 5 changed prompts are needed for 0.05). Both
+    # policies sample with the same seeds, so on most prompts a small step leaves the answers,
+    # and the difference, at exactly zero; the t statistic alone then rests on the few prompts
+    # that did change, and three lucky ones pass it.
+    rank_alpha: float = 0.05
     kl_budget: float = 12.0  # most KL(candidate || reference) in nats per response
     min_length_ratio: float = 0.5  # mean length within [ratio_min, ratio_max] x the current one
     max_length_ratio: float = 2.0
@@ -199,13 +200,13 @@ def gate(candidate: PolicyEval, current: PolicyEval, cfg: GateConfig) -> GateDec
 
     gain, t = paired_gain(candidate.rewards, current.rewards)
     wins = losses = 0
-    sign_p = 0.0
+    rank_p = 0.0
     if not math.isfinite(gain):  # no per-prompt rewards: compare the means (no confidence)
         gain, t = candidate.mean_reward - current.mean_reward, math.inf
     else:
-        wins = sum(a - b > 1e-9 for a, b in zip(candidate.rewards, current.rewards))
-        losses = sum(b - a > 1e-9 for a, b in zip(candidate.rewards, current.rewards))
-        sign_p = sign_test_p(wins, losses)
+        diffs = [a - b for a, b in zip(candidate.rewards, current.rewards)]
+        wins, losses = sum(d > 1e-9 for d in diffs), sum(d < -1e-9 for d in diffs)
+        rank_p = signed_rank_p(diffs)
     if gain <= cfg.min_reward_gain:
         why = (f"reward {candidate.mean_reward:.4f} is not above the current {current.mean_reward:.4f} "
                f"(paired gain {gain:+.4f})")
@@ -214,14 +215,15 @@ def gate(candidate: PolicyEval, current: PolicyEval, cfg: GateConfig) -> GateDec
                f"{current.mean_reward:.4f} (paired gain {gain:+.4f}, t {t:.2f} < {cfg.reward_confidence})")
     else:
         why = (f"reward did not improve with confidence: {candidate.mean_reward:.4f} vs the current "
-               f"{current.mean_reward:.4f} (paired gain {gain:+.4f}, t {t:.2f}, but better on only {wins} and worse "
-               f"on {losses} of {len(candidate.rewards)} prompts, sign test p={sign_p:.3f} > {cfg.sign_alpha})")
+               f"{current.mean_reward:.4f} (paired gain {gain:+.4f}, t {t:.2f}, but over the {wins + losses} of "
+               f"{len(candidate.rewards)} prompts whose rewards changed ({wins} better, {losses} worse) the signed-rank "
+               f"test gives p={rank_p:.3f} > {cfg.rank_alpha})")
     check(
         "reward",
         math.isfinite(candidate.mean_reward)
         and gain > cfg.min_reward_gain
         and t >= cfg.reward_confidence
-        and sign_p <= cfg.sign_alpha,
+        and rank_p <= cfg.rank_alpha,
         why,
     )
     check(
@@ -740,6 +742,38 @@ def head_pair_correct(model: Any, chosen: torch.Tensor, rejected: torch.Tensor) 
     rc = model.reward_from_logits(model.head_logits(chosen.float()))
     rr = model.reward_from_logits(model.head_logits(rejected.float()))
     return [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(rc.tolist(), rr.tolist())]
+
+
+def signed_rank_p(diffs: Sequence[float], eps: float = 1e-9) -> float:
+    """One-sided Wilcoxon signed-rank test that the differences lean positive: P(W+ >= observed)
+    when each non-zero difference is as likely positive as negative. Zero differences (|d| <=
+    eps) are dropped, tied magnitudes share their mean rank, and the null distribution is exact
+    (all 2^n sign patterns, counted by dynamic programming over doubled ranks). 1 when nothing
+    changed."""
+    d = [x for x in diffs if abs(x) > eps]
+    n = len(d)
+    if n == 0:
+        return 1.0
+    order = sorted(range(n), key=lambda i: abs(d[i]))
+    ranks2 = [0] * n  # twice the (mean) rank: integers even with ties
+    i = 0
+    while i < n:
+        j = i
+        while j + 1 < n and abs(abs(d[order[j + 1]]) - abs(d[order[i]])) <= eps:
+            j += 1
+        for k in range(i, j + 1):
+            ranks2[order[k]] = i + j + 2  # (i + 1 + j + 1) / 2 ranks, doubled
+        i = j + 1
+    observed = sum(r for r, x in zip(ranks2, d) if x > 0)
+    counts = [0] * (sum(ranks2) + 1)  # ways to reach each doubled W+
+    counts[0] = 1
+    top = 0
+    for r in ranks2:
+        for w in range(top, -1, -1):
+            if counts[w]:
+                counts[w + r] += counts[w]
+        top += r
+    return sum(counts[observed:]) / 2**n
 
 
 def sign_test_p(wins: int, losses: int) -> float:

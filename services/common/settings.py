@@ -265,7 +265,7 @@ class OnlineLoopSettings(Settings):
     reward_min_heldout: int = Field(8, validation_alias="PALM_RLHF_REWARD_MIN_HELDOUT")
     reward_alpha: float = Field(0.05, validation_alias="PALM_RLHF_REWARD_ALPHA")
     gate_reward_confidence: float = Field(1.645, validation_alias="PALM_RLHF_GATE_REWARD_CONFIDENCE")
-    gate_sign_alpha: float = Field(0.05, ge=0.0, le=1.0, validation_alias="PALM_RLHF_GATE_SIGN_ALPHA")
+    gate_rank_alpha: float = Field(0.05, ge=0.0, le=1.0, validation_alias="PALM_RLHF_GATE_RANK_ALPHA")
     gate_min_reward_gain: float = Field(0.0, validation_alias="PALM_RLHF_GATE_MIN_REWARD_GAIN")
     kl_budget: float = Field(12.0, validation_alias="PALM_RLHF_KL_BUDGET")
     gate_max_repetition: float = Field(0.25, validation_alias="PALM_RLHF_GATE_MAX_REPETITION")

@@ -115,7 +115,7 @@ class OnlineSettings:
     reward_alpha: float = 0.05  # REWARD_ALPHA: sign-test level a refit must beat the current reward at
     gate_reward_confidence: float = 1.645  # GATE_REWARD_CONFIDENCE: paired t the candidate's gain needs
     gate_min_reward_gain: float = 0.0  # GATE_MIN_REWARD_GAIN: and at least this mean gain
-    gate_sign_alpha: float = 0.05  # GATE_SIGN_ALPHA: and better on more of the prompts that changed (sign test)
+    gate_rank_alpha: float = 0.05  # GATE_RANK_ALPHA: and a signed-rank test over the prompts that changed
     kl_budget: float = 12.0  # KL_BUDGET: nats per response, candidate vs the reference
     gate_max_repetition: float = 0.25  # GATE_MAX_REPETITION
     gate_min_length_ratio: float = 0.5  # GATE_MIN_LENGTH_RATIO
@@ -161,7 +161,7 @@ class OnlineSettings:
         from palm_rlhf.rl.online import GateConfig
 
         return GateConfig(reward_confidence=self.gate_reward_confidence, min_reward_gain=self.gate_min_reward_gain,
-                          sign_alpha=self.gate_sign_alpha,
+                          rank_alpha=self.gate_rank_alpha,
                           kl_budget=self.kl_budget,
                           min_length_ratio=self.gate_min_length_ratio, max_length_ratio=self.gate_max_length_ratio,
                           max_repetition=self.gate_max_repetition, pair_tolerance=self.gate_pair_tolerance,

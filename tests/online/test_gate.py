@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import math
+import random
 
 import torch
 
-from palm_rlhf.rl.online import GateConfig, PolicyEval, gate, pair_agreement, paired_gain, repetition_rate
+from palm_rlhf.rl.online import (
+    GateConfig,
+    PolicyEval,
+    gate,
+    pair_agreement,
+    paired_gain,
+    repetition_rate,
+    signed_rank_p,
+)
 
 
 def ev(**kw) -> PolicyEval:
@@ -65,21 +74,49 @@ def test_a_gain_carried_by_the_few_prompts_whose_answers_changed_is_not_confiden
     # same seeds: a small step leaves 9 of 12 answers (and rewards) exactly as they were; three
     # that changed for the better give a paired t over 1.645, but 3 of 3 is no evidence (p = 1/8)
     cur = [2.0, 1.5, 3.0, 2.5, 0.5, 3.5, 2.0, 1.0, 3.0, 2.5, 1.5, 2.0]
-    cand = [*cur[:9], cur[9] + 2.4, cur[10] + 2.4, cur[11] + 2.4]
+    cand = [*cur[:9], cur[9] + 2.4, cur[10] + 2.3, cur[11] + 2.2]
     mean, t = paired_gain(cand, cur)
     assert mean > 0 and t > 1.645
     d = gate(ev(mean_reward=sum(cand) / 12, rewards=cand), ev(mean_reward=sum(cur) / 12, rewards=cur), CFG)
-    assert not d.checks["reward"] and "better on only 3 and worse on 0 of 12 prompts" in d.message
+    assert not d.checks["reward"] and "over the 3 of 12 prompts whose rewards changed (3 better, 0 worse)" in d.message
     assert "p=0.125" in d.message
-    # five changed prompts, all better, are enough (p = 1/32); one of them worse is not (6 of 7 is)
-    five = [*cur[:7], *(r + 2.4 for r in cur[7:])]
+    # five changed prompts, all better, are enough (p = 1/32)
+    five = [*cur[:7], *(r + 2.0 + 0.1 * k for k, r in enumerate(cur[7:]))]
     assert gate(ev(mean_reward=sum(five) / 12, rewards=five), ev(mean_reward=sum(cur) / 12, rewards=cur), CFG).passed
-    mixed = [*cur[:7], cur[7] - 0.1, *(r + 2.4 for r in cur[8:])]
-    d = gate(ev(mean_reward=sum(mixed) / 12, rewards=mixed), ev(mean_reward=sum(cur) / 12, rewards=cur), CFG)
-    assert not d.checks["reward"] and "sign test p=0.188" in d.message
+    # a large gain on most prompts passes with a few small losses (a sign test would not: 9 of 12
+    # better gives p = 0.073)
+    skewed = [r + (1.5 + 0.1 * k if k % 4 else -0.05 - 0.01 * k) for k, r in enumerate(cur)]
+    wins = sum(a > b for a, b in zip(skewed, cur))
+    assert wins == 9 and gate(ev(mean_reward=sum(skewed) / 12, rewards=skewed),
+                              ev(mean_reward=sum(cur) / 12, rewards=cur), CFG).passed
     # and it can be turned off
-    off = GateConfig(reward_confidence=1.645, kl_budget=5.0, min_pairs=4, sign_alpha=1.0)
+    off = GateConfig(reward_confidence=1.645, kl_budget=5.0, min_pairs=4, rank_alpha=1.0)
     assert gate(ev(mean_reward=sum(cand) / 12, rewards=cand), ev(mean_reward=sum(cur) / 12, rewards=cur), off).passed
+
+
+def _signed_rank_p_by_enumeration(diffs):
+    """The same test written the slow, obvious way: every sign pattern of the non-zero
+    differences, mean ranks for ties."""
+    import itertools
+
+    d = [x for x in diffs if x != 0]
+    mags = sorted(abs(x) for x in d)
+    rank = {m: (mags.index(m) + 1 + len(mags) - mags[::-1].index(m)) / 2 for m in mags}
+    observed = sum(rank[abs(x)] for x in d if x > 0)
+    hits = sum(sum(rank[abs(x)] for x, s in zip(d, signs) if s) >= observed - 1e-12
+               for signs in itertools.product([True, False], repeat=len(d)))
+    return hits / 2 ** len(d)
+
+
+def test_signed_rank_p_is_exact_with_ties_and_zeros():
+    assert signed_rank_p([0.0, 0.0]) == 1.0
+    assert signed_rank_p([1.0, 2.0, 3.0]) == 1 / 8 and signed_rank_p([1, 2, 3, 4, 5]) == 1 / 32
+    assert signed_rank_p([-1.0, -2.0, -3.0]) == 1.0
+    assert signed_rank_p([1.0, 1.0, -1.0]) == 0.5  # three tied ranks of 2: W+ = 4 or more in 4 of 8
+    rng = random.Random(0)
+    for _ in range(40):
+        diffs = [rng.choice([0.0, 0.5, -0.5, 1.0, -1.0, rng.uniform(-2, 2)]) for _ in range(rng.randint(1, 11))]
+        assert math.isclose(signed_rank_p(diffs), _signed_rank_p_by_enumeration(diffs)), diffs
 
 
 def test_paired_gain_is_the_mean_difference_and_its_t_statistic():

@@ -17,7 +17,7 @@ from .conftest import LocalClients, StoreCore, add_completion, make_stores, tiny
 FAST = {"iterations": 2, "prompts_per_iteration": 2, "group_size": 2, "max_new_tokens": 6, "epochs": 1,
         "reward_steps": 3, "eval_prompts": 4, "reward_min_heldout": 1, "gate_min_pairs": 1, "heldout_fraction": 0.5,
         "eval_samples": 1, "reward_scorer": "sentiment"}  # LocalClients scores with a rule, whatever the name
-OPEN_GATE = {"kl_budget": 1e9, "gate_reward_confidence": -1e9, "gate_min_reward_gain": -1e9, "gate_sign_alpha": 1.0,
+OPEN_GATE = {"kl_budget": 1e9, "gate_reward_confidence": -1e9, "gate_min_reward_gain": -1e9, "gate_rank_alpha": 1.0,
              "gate_max_repetition": 1.0, "gate_min_length_ratio": 0.0, "gate_max_length_ratio": 1e9,
              "gate_pair_tolerance": 1.0}
 
