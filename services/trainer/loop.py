@@ -489,7 +489,7 @@ class OnlineLoop:
         log.info("published reward %s: %s", version, why)
         return {**out, "reward_published": 1.0, "reward_version_published": version, "reward_message": why}
 
-    def _refit_head(self, served, candidate, tok, train_pairs, held_pairs, train_ratings, held_thumb_pairs=()):
+    def _refit_head(self, served, candidate, tok, train_pairs, held_pairs, train_ratings, held_thumb_pairs):
         """Head-only refit on cached trunk features: returns (before, after, stats); before and
         after score the held-out pairs, then the held-out (liked, disliked) thumb pairs."""
         import torch
@@ -522,8 +522,8 @@ class OnlineLoop:
                                           if train_pairs else float("nan"))
         return before, head_pair_correct(candidate, hc, hr), stats
 
-    def _refit_lora(self, served, candidate, tok, train_pairs, held_pairs, train_ratings, held_thumb_pairs=(),
-                    seed: int = 0):
+    def _refit_lora(self, served, candidate, tok, train_pairs, held_pairs, train_ratings, held_thumb_pairs,
+                    seed: int):
         """The slower refit of the head and the reward LoRA (REWARD_REFIT_MODE=lora)."""
         from palm_rlhf.rl.online import RewardRefitConfig, refit_reward_model, reward_scores
 

@@ -67,6 +67,14 @@ def _wait_for(fn, timeout: float = 20.0):
         time.sleep(0.05)
 
 
+def _ask(page, text: str, best_of: int, max_tokens: int) -> None:
+    """Set the candidates and the answer length in the settings, type ``text`` and send it."""
+    page.fill("#best-of", str(best_of))
+    page.fill("#max-tokens", str(max_tokens))
+    page.fill("#prompt", text)
+    page.click("#send")
+
+
 @pytest.mark.browser
 def test_chat_and_feedback_from_the_web_page(stack):
     from playwright.sync_api import expect
@@ -74,10 +82,7 @@ def test_chat_and_feedback_from_the_web_page(stack):
     with _page() as page:
         page.goto(stack.url + "/")
         _open_settings_with_key(page)
-        page.fill("#best-of", "3")
-        page.fill("#max-tokens", "10")
-        page.fill("#prompt", "What a lovely morning!")
-        page.click("#send")
+        _ask(page, "What a lovely morning!", best_of=3, max_tokens=10)
         answer = page.locator("article.assistant").first
         expect(answer).to_be_visible(timeout=30_000)
         cid = answer.get_attribute("data-completion-id")
@@ -138,10 +143,7 @@ def test_one_answer_streams_and_the_page_needs_no_emoji_font(stack):
         page.goto(stack.url + "/")
         expect(page.locator("#reward-hint")).to_contain_text("Reward")
         _open_settings_with_key(page)
-        page.fill("#best-of", "1")
-        page.fill("#max-tokens", "12")
-        page.fill("#prompt", "How is your garden?")
-        page.click("#send")
+        _ask(page, "How is your garden?", best_of=1, max_tokens=12)
         answer = page.locator("article.assistant").first
         expect(answer.locator(".meta")).to_contain_text("best of 1", timeout=30_000)
         assert requests and requests[0]["stream"] is True and requests[0]["best_of"] == 1
