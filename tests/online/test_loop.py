@@ -199,6 +199,19 @@ def test_thumbs_alone_on_prompts_never_repeated_refit_the_reward(tmp_path, feedb
         assert out["reward_published"] == 0.0 and core.reward_store.versions() == ["v0001"]
 
 
+def test_the_lora_refit_also_trains_on_thumbs_and_checks_held_out_thumb_pairs(tmp_path, feedback_store):
+    import math
+
+    loop = make_loop(tmp_path, feedback_store, reward_refit_mode="lora", reward_steps=4, reward_lr=3e-4,
+                     reward_min_heldout=1000)  # never publishes: the figures are what is checked
+    _thumbs_on_a_chat(feedback_store, "sunny and bright", "grey rain all day", n=24)
+    loop.ingest(loop.files.load_state())
+    out = loop.refit_reward(StoreCore(tmp_path), loop.files.load_data())
+    assert out["reward_train_thumbs"] > 5 and out["reward_heldout_thumb_pairs"] >= 2
+    assert math.isfinite(out["reward_heldout_accuracy_before"]) and math.isfinite(out["reward_heldout_accuracy_after"])
+    assert out["reward_published"] == 0.0 and "not enough held-out pairs" in out["reward_message"]
+
+
 def test_a_changed_thumb_counts_once_with_its_last_verdict_and_check_pairs_use_each_thumb_once():
     from palm_rlhf.rl.feedback import ThumbExample
     from palm_rlhf.rl.online import latest_thumbs, thumb_check_pairs, thumbs_as_ratings
